@@ -1,0 +1,35 @@
+# The two commands a new user needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+WORKDIR ?= workdir/demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test install install-test clean bench
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): requirements.txt pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	touch $@
+
+install: $(STAMP)
+install-test: $(TEST_STAMP)
+
+demo: $(STAMP)
+	$(PY) -m dapo_jax.demo --workdir $(WORKDIR)
+
+test: $(TEST_STAMP)
+	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf $(VENV) workdir .pytest_cache
