@@ -32,3 +32,56 @@ def qwen_tokenizer_dir(shared_data: pathlib.Path) -> pathlib.Path:
     if not (path / "tokenizer.json").is_file():
         pytest.skip(f"Qwen2.5 tokenizer not found at {path}")
     return path
+
+
+# --- Tiny Hugging Face checkpoints (random weights), created once per test session. -----------------
+# Cover: GQA ratios (4:2, 5:5 MHA, 6:1 MQA, 6:2), tied/untied embeddings, a head_dim that is not
+# hidden/heads, Qwen2 (QKV bias) and Llama (no bias).
+TINY_HF_CONFIGS = {
+    "qwen2_gqa_untied": dict(arch="qwen2", vocab_size=128, hidden_size=32, intermediate_size=48,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             tie_word_embeddings=False),
+    "qwen2_mha_tied_odd_head": dict(arch="qwen2", vocab_size=96, hidden_size=40, intermediate_size=56,
+                                    num_hidden_layers=2, num_attention_heads=5, num_key_value_heads=5,
+                                    head_dim=12, tie_word_embeddings=True),
+    "qwen2_mqa_tied": dict(arch="qwen2", vocab_size=112, hidden_size=48, intermediate_size=64,
+                           num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=1,
+                           tie_word_embeddings=True),
+    "llama_gqa_untied": dict(arch="llama", vocab_size=100, hidden_size=48, intermediate_size=80,
+                             num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                             tie_word_embeddings=False),
+}
+
+
+def make_hf_model(name: str, seed: int = 0):
+    """A random-weight transformers model for one of TINY_HF_CONFIGS (float32, eval mode)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    spec = dict(TINY_HF_CONFIGS[name])
+    arch = spec.pop("arch")
+    common = dict(max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**spec, **common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**spec, **common))
+    # Non-trivial norms and biases so a missed mapping cannot hide behind ones/zeros.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight") or n.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in n else 0.0))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory) -> dict:
+    """name -> (directory, torch model) for every tiny HF config, saved with save_pretrained."""
+    out = {}
+    for name in TINY_HF_CONFIGS:
+        model = make_hf_model(name)
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        out[name] = (path, model)
+    return out

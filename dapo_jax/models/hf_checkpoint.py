@@ -1,0 +1,272 @@
+"""Hugging Face checkpoint <-> sharded NNX model: load straight into shardings, export back.
+
+Loading never builds the model on one host: every device shard is read from the memory-mapped
+safetensors files by `jax.make_array_from_callback`, slicing only the rows/columns it owns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from dapo_jax.models import config as config_lib
+from dapo_jax.models.config import ModelConfig
+from dapo_jax.models.qwen2 import Params, Qwen2, jnp_dtype, param_logical_axes, param_shapes
+from dapo_jax.models.safetensors_io import CheckpointReader, save_file
+from dapo_jax.models.sharding import make_mesh, named_sharding
+
+log = logging.getLogger(__name__)
+
+_LAYER = "model.layers.{i}."
+# Our stacked name -> (HF per-layer tensor name, kind). Kinds say how HF's torch layout maps to ours.
+_LAYER_MAP = {
+    "input_norm": ("input_layernorm.weight", "same"),
+    "post_norm": ("post_attention_layernorm.weight", "same"),
+    "q_kernel": ("self_attn.q_proj.weight", "in_heads"),
+    "k_kernel": ("self_attn.k_proj.weight", "in_heads"),
+    "v_kernel": ("self_attn.v_proj.weight", "in_heads"),
+    "q_bias": ("self_attn.q_proj.bias", "heads"),
+    "k_bias": ("self_attn.k_proj.bias", "heads"),
+    "v_bias": ("self_attn.v_proj.bias", "heads"),
+    "o_kernel": ("self_attn.o_proj.weight", "heads_out"),
+    "gate_kernel": ("mlp.gate_proj.weight", "transpose"),
+    "up_kernel": ("mlp.up_proj.weight", "transpose"),
+    "down_kernel": ("mlp.down_proj.weight", "transpose"),
+}
+_TOP_MAP = {
+    "embed": ("model.embed_tokens.weight", "same"),
+    "final_norm": ("model.norm.weight", "same"),
+    "lm_head": ("lm_head.weight", "transpose"),
+}
+
+
+def _norm(idx: tuple, shape: tuple) -> tuple[slice, ...]:
+    out = []
+    for s, n in zip(idx, shape):
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise ValueError("strided shard indices are not supported")
+        out.append(slice(start, stop))
+    return tuple(out)
+
+
+def _read(tensor: np.ndarray, kind: str, idx: tuple[slice, ...], our_shape: tuple) -> np.ndarray:
+    """Reads the part of HF `tensor` that lands at `idx` of our layout (shape `our_shape`)."""
+    if kind == "same":
+        return np.asarray(tensor[idx])
+    if kind == "transpose":  # ours [a, b] = hf[b, a].T
+        return np.asarray(tensor[idx[1], idx[0]]).T
+    hd = our_shape[-1] if kind != "heads_out" else our_shape[1]
+    if kind == "heads":  # ours [H, hd] = hf[H*hd]
+        sh, sd = idx
+        block = np.asarray(tensor[sh.start * hd:sh.stop * hd]).reshape(-1, hd)
+        return block[:, sd]
+    if kind == "in_heads":  # ours [D, H, hd] = hf[H*hd, D].T
+        sd, sh, sk = idx
+        block = np.asarray(tensor[sh.start * hd:sh.stop * hd, sd])  # [h*hd, d]
+        return block.T.reshape(block.shape[1], -1, hd)[:, :, sk]
+    if kind == "heads_out":  # ours [H, hd, D] = hf[D, H*hd].T
+        sh, sk, sd = idx
+        block = np.asarray(tensor[sd, sh.start * hd:sh.stop * hd])  # [d, h*hd]
+        return block.T.reshape(-1, hd, block.shape[0])[:, sk, :]
+    raise ValueError(kind)
+
+
+def _to_hf(arr: np.ndarray, kind: str) -> np.ndarray:
+    """Inverse of `_read` for a whole (per-layer) tensor."""
+    if kind == "same":
+        return arr
+    if kind == "transpose":
+        return arr.T
+    if kind == "heads":
+        return arr.reshape(-1)
+    if kind == "in_heads":
+        return arr.reshape(arr.shape[0], -1).T
+    if kind == "heads_out":
+        return arr.reshape(-1, arr.shape[-1]).T
+    raise ValueError(kind)
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """NamedShardings for every parameter (nested dict shaped like the params)."""
+    axes, shapes = param_logical_axes(cfg), param_shapes(cfg)
+    return jax.tree.map(lambda a, s: named_sharding(mesh, a, s, rules), axes, shapes,
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _default_mesh(mesh: Mesh | None) -> Mesh:
+    return mesh if mesh is not None else make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
+                                                   devices=jax.devices()[:1])
+
+
+def model_from_params(cfg: ModelConfig, params: Params) -> Qwen2:
+    """Wraps a parameter dict (possibly sharded) in the NNX module without copying."""
+    abstract = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    state.replace_by_pure_dict(params)
+    return nnx.merge(graphdef, state)
+
+
+def init_model(cfg: ModelConfig, *, mesh: Mesh | None = None, seed: int = 0,
+               rules: Mapping[str, Any] | None = None) -> Qwen2:
+    """A randomly initialised model whose parameters are created directly in their shardings."""
+    mesh = _default_mesh(mesh)
+    shardings = param_shardings(cfg, mesh, rules)
+
+    def create():
+        return Qwen2(cfg, rngs=nnx.Rngs(seed)).params()
+
+    params = jax.jit(create, out_shardings=shardings)()
+    return model_from_params(cfg, params)
+
+
+def _local_dir(path: str | os.PathLike) -> str:
+    """A local directory holding `path` (copies gs:// and other remote folders to a temp cache)."""
+    p = epath.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"Checkpoint directory {path} does not exist")
+    if str(path).startswith(("gs://", "s3://", "http://", "https://")):
+        local = tempfile.mkdtemp(prefix="dapo_jax_ckpt_")
+        for f in p.iterdir():
+            if f.is_file():
+                f.copy(epath.Path(local) / f.name)
+        return local
+    return os.fspath(path)
+
+
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads config.json of a HF checkpoint directory."""
+    cfg_path = epath.Path(path) / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path} not found: load_pretrained expects a Hugging Face "
+                                "checkpoint directory (config.json + *.safetensors)")
+    return json.loads(cfg_path.read_text())
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", mesh: Mesh | None = None,
+                    rules: Mapping[str, Any] | None = None, **config_overrides: Any
+                    ) -> tuple[Qwen2, ModelConfig]:
+    """Loads a HF Qwen2/Llama checkpoint directory straight into a sharded model.
+
+    `dtype` is the parameter storage dtype; `config_overrides` set ModelConfig fields (compute dtype,
+    remat, scan_layers...). Returns (model, model_config).
+    """
+    local = _local_dir(path)
+    cfg = config_lib.from_hf_config(read_hf_config(local), param_dtype=dtype, **config_overrides)
+    reader = CheckpointReader(local)
+    mesh = _default_mesh(mesh)
+    shardings = param_shardings(cfg, mesh, rules)
+    shapes = param_shapes(cfg)
+    target = jnp_dtype(dtype)
+
+    def build(name: str, hf_name: str | Callable[[int], str], kind: str, shape: tuple,
+              stacked: bool) -> jax.Array:
+        def callback(index):
+            idx = _norm(index, shape)
+            if not stacked:
+                return _read(reader.get(hf_name), kind, idx, shape).astype(target)
+            per_layer = [_read(reader.get(hf_name(i)), kind, idx[1:], shape[1:])
+                         for i in range(idx[0].start, idx[0].stop)]
+            return np.stack(per_layer).astype(target)
+
+        sharding = shardings["layers"][name] if stacked else shardings[name]
+        return jax.make_array_from_callback(shape, sharding, callback)
+
+    params: Params = {"layers": {}}
+    for name, (hf_name, kind) in _TOP_MAP.items():
+        if name not in shapes:
+            continue
+        if name == "lm_head" and hf_name not in reader:
+            raise KeyError(f"{path}: config has tie_word_embeddings=false but lm_head.weight is missing")
+        params[name] = build(name, hf_name, kind, shapes[name], stacked=False)
+    for name, shape in shapes["layers"].items():
+        suffix, kind = _LAYER_MAP[name]
+        params["layers"][name] = build(
+            name, lambda i, s=suffix: _LAYER.format(i=i) + s, kind, shape, stacked=True)
+    return model_from_params(cfg, params), cfg
+
+
+def _host_array(x: jax.Array) -> np.ndarray:
+    """Gathers a (possibly multi-host sharded) array to a numpy array on every host."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def hf_state_dict(params: Params, cfg: ModelConfig, dtype: str | None = None
+                  ) -> dict[str, np.ndarray]:
+    """The HF-named tensors of `params` as numpy arrays in `dtype` (default: the checkpoint's)."""
+    out_dtype = np.dtype(jnp_dtype(dtype or cfg.hf_torch_dtype))
+    tensors: dict[str, np.ndarray] = {}
+    for name, (hf_name, kind) in _TOP_MAP.items():
+        if name in params:
+            tensors[hf_name] = _to_hf(_host_array(params[name]), kind).astype(out_dtype)
+    for name, stacked in params["layers"].items():
+        suffix, kind = _LAYER_MAP[name]
+        host = _host_array(stacked)
+        for i in range(cfg.num_layers):
+            tensors[_LAYER.format(i=i) + suffix] = np.ascontiguousarray(
+                _to_hf(host[i], kind).astype(out_dtype))
+    return tensors
+
+
+def save_pretrained(model: Qwen2 | Params, model_config: ModelConfig, path: str | os.PathLike, *,
+                    dtype: str | None = None, max_shard_bytes: int = 4 * 2**30,
+                    tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """Writes a HF checkpoint directory that `AutoModelForCausalLM.from_pretrained` loads.
+
+    Tensors are written in `dtype` (default: the dtype the checkpoint was loaded from), split into
+    files of at most `max_shard_bytes` with an index; only process 0 writes (all hosts gather).
+    """
+    params = model.params() if isinstance(model, Qwen2) else model
+    tensors = hf_state_dict(params, model_config, dtype)
+    if jax.process_index() != 0:
+        return
+    out_dtype = dtype or model_config.hf_torch_dtype
+    local = tempfile.mkdtemp(prefix="dapo_jax_export_")
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        if shards[-1] and size + v.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += v.nbytes
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(local, "model.safetensors"))
+    else:
+        weight_map = {}
+        for n, shard in enumerate(shards, 1):
+            fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(local, fname))
+            weight_map.update({k: fname for k in shard})
+        total = sum(v.nbytes for v in tensors.values())
+        with open(os.path.join(local, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    hf_cfg = config_lib.to_hf_config(model_config)
+    hf_cfg["torch_dtype"] = out_dtype
+    with open(os.path.join(local, "config.json"), "w") as f:
+        json.dump(hf_cfg, f, indent=2)
+    if tokenizer_dir is not None:
+        for f in epath.Path(tokenizer_dir).iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+                shutil.copy(os.fspath(f), local) if not str(f).startswith("gs://") else \
+                    f.copy(epath.Path(local) / f.name)
+    dest = epath.Path(path)
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in os.listdir(local):
+        epath.Path(local, f).copy(dest / f, overwrite=True)
+    shutil.rmtree(local, ignore_errors=True)

@@ -1,0 +1,291 @@
+"""Qwen2 / Qwen2.5 decoder (and Llama-family: same layout without QKV bias) in Flax NNX.
+
+The NNX module is a thin container of `nnx.Param`s with layers stacked on a leading axis; the math is
+pure functions of a parameter dict (`decoder_apply`) so the same code serves training (scanned, remat),
+full-sequence log-probs and KV-cache decoding.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from dapo_jax.models.config import ModelConfig
+from dapo_jax.models.sharding import with_logical_constraint
+
+Params = dict[str, Any]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_MASK_VALUE = -1e30  # finite, so fully-masked (padding) query rows give a uniform row, not NaN
+
+
+def jnp_dtype(name: str) -> Any:
+    """Maps a dtype name from the config to a jnp dtype."""
+    return _DTYPES[name]
+
+
+def param_logical_axes(cfg: ModelConfig) -> dict[str, Any]:
+    """Logical axis names of every parameter, as a nested dict shaped like the params."""
+    layers = {
+        "input_norm": ("layers", "norm"),
+        "q_kernel": ("layers", "embed", "q_heads", "head_dim"),
+        "k_kernel": ("layers", "embed", "kv_heads", "head_dim"),
+        "v_kernel": ("layers", "embed", "kv_heads", "head_dim"),
+        "o_kernel": ("layers", "q_heads", "head_dim", "embed"),
+        "post_norm": ("layers", "norm"),
+        "gate_kernel": ("layers", "embed", "mlp"),
+        "up_kernel": ("layers", "embed", "mlp"),
+        "down_kernel": ("layers", "mlp", "embed"),
+    }
+    if cfg.attention_bias:
+        layers.update(q_bias=("layers", "q_heads", "head_dim"), k_bias=("layers", "kv_heads", "head_dim"),
+                      v_bias=("layers", "kv_heads", "head_dim"))
+    axes: dict[str, Any] = {"embed": ("vocab", "embed"), "final_norm": ("norm",), "layers": layers}
+    if not cfg.tie_word_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
+    """Shapes of every parameter, as a nested dict shaped like the params."""
+    L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    layers = {
+        "input_norm": (L, D), "q_kernel": (L, D, H, hd), "k_kernel": (L, D, K, hd),
+        "v_kernel": (L, D, K, hd), "o_kernel": (L, H, hd, D), "post_norm": (L, D),
+        "gate_kernel": (L, D, F), "up_kernel": (L, D, F), "down_kernel": (L, F, D),
+    }
+    if cfg.attention_bias:
+        layers.update(q_bias=(L, H, hd), k_bias=(L, K, hd), v_bias=(L, K, hd))
+    shapes: dict[str, Any] = {"embed": (cfg.vocab_size, D), "final_norm": (D,), "layers": layers}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (D, cfg.vocab_size)
+    return shapes
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' weights, stacked on a leading `layers` axis (scan-friendly)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pdt = jnp_dtype(cfg.param_dtype)
+        init = jax.nn.initializers.normal(0.02)
+        for name, shape in param_shapes(cfg)["layers"].items():
+            if name.endswith("norm"):
+                value = jnp.ones(shape, pdt)
+            elif name.endswith("bias"):
+                value = jnp.zeros(shape, pdt)
+            else:
+                value = init(rngs.params(), shape, pdt)
+            setattr(self, name, nnx.Param(value))
+
+
+class Qwen2(nnx.Module):
+    """Qwen2/Qwen2.5 causal LM (Llama-family when `attention_bias=False`)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        pdt = jnp_dtype(config.param_dtype)
+        init = jax.nn.initializers.normal(0.02)
+        shapes = param_shapes(config)
+        self.embed = nnx.Param(init(rngs.params(), shapes["embed"], pdt))
+        self.layers = DecoderLayers(config, rngs=rngs)
+        self.final_norm = nnx.Param(jnp.ones(shapes["final_norm"], pdt))
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Param(init(rngs.params(), shapes["lm_head"], pdt))
+
+    def params(self) -> Params:
+        """The parameters as a plain nested dict of arrays (the functional core's input)."""
+        return nnx.state(self, nnx.Param).to_pure_dict()
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        """Full-sequence logits [B, T, V] (float32)."""
+        hidden, _ = decoder_apply(self.params(), self.config, input_ids, attention_mask, positions)
+        return lm_logits(self.params(), self.config, hidden)
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional core.
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32, cast back before the weight multiply (as HF does)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return y.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding (HF's rotate-half convention) for x [B, T, H, hd] at positions [B, T]."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Token positions that skip padding (left or right): cumsum(mask) - 1, clipped at 0."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q [B,T,H,hd], k/v [B,S,K,hd], mask [B,T,S] bool -> [B,T,H,hd]."""
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (hd ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, hd)
+
+
+def _layer(cfg: ModelConfig, mesh: Mesh | None, rules, h: jax.Array, lp: Params,
+           positions: jax.Array, mask: jax.Array, kv_for_attention):
+    """One decoder layer. `kv_for_attention(k, v)` returns the keys/values to attend over."""
+    dt = jnp_dtype(cfg.dtype)
+    x = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", x, lp["q_kernel"].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x, lp["k_kernel"].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x, lp["v_kernel"].astype(dt))
+    if cfg.attention_bias:
+        q = q + lp["q_bias"].astype(dt)
+        k = k + lp["k_bias"].astype(dt)
+        v = v + lp["v_bias"].astype(dt)
+    q = with_logical_constraint(q, ("batch", "seq", "act_heads", None), mesh, rules)
+    q = rope(q, positions, cfg.rope_theta)
+    k = rope(k, positions, cfg.rope_theta)
+    k_all, v_all, aux = kv_for_attention(k, v)
+    o = attention(q, k_all, v_all, mask)
+    o = jnp.einsum("bthk,hkd->btd", o, lp["o_kernel"].astype(dt))
+    h = h + o
+    x = rms_norm(h, lp["post_norm"], cfg.rms_norm_eps)
+    gate = jnp.einsum("btd,df->btf", x, lp["gate_kernel"].astype(dt))
+    up = jnp.einsum("btd,df->btf", x, lp["up_kernel"].astype(dt))
+    act = with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"), mesh, rules)
+    h = h + jnp.einsum("btf,fd->btd", act, lp["down_kernel"].astype(dt))
+    h = with_logical_constraint(h, ("batch", "seq", "act_embed"), mesh, rules)
+    return h, aux
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    if policy == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+
+
+def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
+                  attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+                  *, cache: Mapping[str, jax.Array] | None = None, mesh: Mesh | None = None,
+                  rules: Mapping[str, Any] | None = None) -> tuple[jax.Array, dict | None]:
+    """Runs embeddings + all layers + final norm. Returns (hidden [B,T,D], updated cache or None).
+
+    Without `cache`: full causal self-attention; `attention_mask` [B,T] marks real tokens (padding on
+    either side) and positions default to `positions_from_mask(attention_mask)`.
+    With `cache` ({"k","v": [L,B,S,K,hd], "lengths": [B]}): the T new tokens of each row are written at
+    cache positions lengths[b] .. lengths[b]+T-1 and attend causally to everything before them; rows must
+    be right-padded (padding after the real tokens), and `lengths` advances by the real-token count.
+    """
+    dt = jnp_dtype(cfg.dtype)
+    b, t = input_ids.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, t), jnp.int32)
+    attention_mask = attention_mask.astype(jnp.int32)
+    h = jnp.take(params["embed"], input_ids, axis=0).astype(dt)
+    h = with_logical_constraint(h, ("batch", "seq", "act_embed"), mesh, rules)
+    layers = params["layers"]
+
+    if cache is None:
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        mask = causal[None] & attention_mask[:, None, :].astype(bool)
+
+        def body(h, lp):
+            h, _ = _layer(cfg, mesh, rules, h, lp, positions, mask, lambda k, v: (k, v, None))
+            return h, None
+
+        body = _remat(body, cfg.remat)
+        if cfg.scan_layers:
+            h, _ = jax.lax.scan(body, h, layers)
+        else:
+            for i in range(cfg.num_layers):
+                h, _ = body(h, jax.tree.map(lambda x: x[i], layers))
+        return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), None
+
+    lengths = cache["lengths"].astype(jnp.int32)
+    s = cache["k"].shape[2]
+    offsets = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # cache slot of each new token
+    if positions is None:
+        positions = offsets
+    mask = jnp.arange(s, dtype=jnp.int32)[None, None, :] <= offsets[:, :, None]  # [B, T, S]
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None]
+
+    def body(carry, xs):
+        h, ck, cv = carry
+        lp, i = xs
+
+        def kv_fn(k, v):
+            # Scatter only the new tokens into the carried cache (updated in place inside the loop).
+            nk = ck.at[i, rows, offsets].set(k.astype(ck.dtype), mode="drop")
+            nv = cv.at[i, rows, offsets].set(v.astype(cv.dtype), mode="drop")
+            return nk[i].astype(dt), nv[i].astype(dt), (nk, nv)
+
+        h, (ck, cv) = _layer(cfg, mesh, rules, h, lp, positions, mask, kv_fn)
+        return (h, ck, cv), None
+
+    idx = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    carry = (h, cache["k"], cache["v"])
+    if cfg.scan_layers:
+        carry, _ = jax.lax.scan(body, carry, (layers, idx))
+    else:
+        for i in range(cfg.num_layers):
+            carry, _ = body(carry, (jax.tree.map(lambda x: x[i], layers), i))
+    h, ck, cv = carry
+    new_cache = {"k": ck, "v": cv, "lengths": lengths + attention_mask.sum(axis=-1)}
+    return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), new_cache
+
+
+def lm_head_weight(params: Params, cfg: ModelConfig) -> jax.Array:
+    """The [D, V] output projection (the transposed embedding when tied)."""
+    return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+
+
+def lm_logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """Float32 logits for hidden states [..., D]."""
+    w = lm_head_weight(params, cfg).astype(jnp_dtype(cfg.dtype))
+    return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: str | None = None
+               ) -> dict[str, jax.Array]:
+    """An empty KV cache for `batch_size` rows of up to `max_len` tokens."""
+    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dt = jnp_dtype(dtype or cfg.dtype)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+            "lengths": jnp.zeros((batch_size,), jnp.int32)}
+
+
+def cache_logical_axes() -> dict[str, tuple]:
+    """Logical axes of the KV cache arrays."""
+    kv = ("layers", "cache_batch", "cache_seq", "act_kv_heads", "head_dim")
+    return {"k": kv, "v": kv, "lengths": ("cache_batch",)}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _forward_jit(params, cfg, input_ids, attention_mask):
+    hidden, _ = decoder_apply(params, cfg, input_ids, attention_mask)
+    return lm_logits(params, cfg, hidden)
