@@ -1,0 +1,339 @@
+"""A JetStream-API decode engine: prefill -> insert into a decode slot -> generate for all slots.
+
+Method names and semantics follow JetStream's `engine_api.Engine` (load_params, init_decode_state,
+prefill, insert, generate, max_concurrent_decodes, max_prefill_length, samples_per_slot) without
+depending on that package. The KV cache is preallocated for `max_concurrent_decodes` slots and
+donated through every jitted step, so decoding never copies it.
+
+Each slot carries its own PRNG key, derived from (seed, request id, sample index) by the caller and
+folded with the slot's generated-token count each step, so a sample's tokens do not depend on which
+slot it landed in or on what else is decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dapo_jax.models import hf_checkpoint
+from dapo_jax.models.config import ModelConfig
+from dapo_jax.models.qwen2 import Params, decoder_apply, jnp_dtype, lm_logits
+from dapo_jax.models.sharding import DEFAULT_RULES, make_mesh, named_sharding
+from dapo_jax.sampler.sampling import SamplingParams, sample_tokens
+
+# Sampling layout: weights tensor-parallel over heads / mlp / vocab and replicated across the other
+# axes (no FSDP gathers per decode step); decode slots and their KV cache split over (data, fsdp).
+SAMPLING_RULES: dict[str, Any] = dict(DEFAULT_RULES, embed=None)
+
+Prefix = dict[str, jax.Array]
+DecodeState = dict[str, Any]
+
+
+@dataclasses.dataclass
+class ResultTokens:
+    """Per-slot output of `generate` for `num_steps` steps (arrays shaped [num_steps, slots]).
+
+    `valid` marks slots that produced a token at that step; `done` marks the step a slot finished;
+    `stop` whether it finished on a stop token (else on the length limit); `lengths` is the number of
+    tokens the slot has generated so far.
+    """
+
+    tokens: np.ndarray
+    valid: np.ndarray
+    done: np.ndarray
+    stop: np.ndarray
+    lengths: np.ndarray
+    logprobs: np.ndarray
+    sampling_logprobs: np.ndarray
+
+    def get_result_at_slot(self, slot: int) -> dict[str, np.ndarray]:
+        """The slot's column of every field (JetStream's accessor name)."""
+        return {f.name: getattr(self, f.name)[:, slot] for f in dataclasses.fields(self)}
+
+
+def prefill_buckets(max_prefill_length: int, min_bucket: int = 16) -> list[int]:
+    """Powers of two from `min_bucket` up to (and including) `max_prefill_length`."""
+    buckets = []
+    b = min(min_bucket, max_prefill_length)
+    while b < max_prefill_length:
+        buckets.append(b)
+        b *= 2
+    buckets.append(max_prefill_length)
+    return buckets
+
+
+class Engine:
+    """Slot-based continuous-batching decode engine for the Qwen2 policy."""
+
+    def __init__(self, model_config: ModelConfig, *, max_concurrent_decodes: int,
+                 max_prefill_length: int, max_target_length: int, stop_token_ids: Sequence[int],
+                 pad_token_id: int = 0, sampling: SamplingParams = SamplingParams(),
+                 mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None,
+                 cache_dtype: str | None = None, min_prefill_bucket: int = 16):
+        if max_prefill_length >= max_target_length:
+            raise ValueError(f"max_target_length ({max_target_length}) must exceed max_prefill_length "
+                             f"({max_prefill_length}): it is the prompt plus the generated tokens")
+        if not stop_token_ids:
+            raise ValueError("stop_token_ids is empty: give at least the EOS token id")
+        self.config = model_config
+        self.mesh = mesh if mesh is not None else make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
+                                                            devices=jax.devices()[:1])
+        self.rules = dict(SAMPLING_RULES if rules is None else rules)
+        self._slots = int(max_concurrent_decodes)
+        self._max_prefill = int(max_prefill_length)
+        self.max_target_length = int(max_target_length)
+        self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
+        self.pad_token_id = int(pad_token_id)
+        self.sampling = sampling
+        self.cache_dtype = cache_dtype or model_config.dtype
+        self.buckets = prefill_buckets(self._max_prefill, min_prefill_bucket)
+        self.param_shardings = hf_checkpoint.param_shardings(model_config, self.mesh, self.rules)
+        self.state_shardings = self._state_shardings()
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._prefill = {}
+        self._insert = {}
+        self._generate = {}
+
+    # -- JetStream properties ------------------------------------------------------------------
+    @property
+    def max_concurrent_decodes(self) -> int:
+        """Number of decode slots."""
+        return self._slots
+
+    @property
+    def max_prefill_length(self) -> int:
+        """Longest prompt `prefill` accepts."""
+        return self._max_prefill
+
+    @property
+    def samples_per_slot(self) -> int:
+        """Sequences decoded per slot (always 1: n samples of a prompt occupy n slots)."""
+        return 1
+
+    # -- shardings -----------------------------------------------------------------------------
+    def _state_shardings(self) -> DecodeState:
+        cfg, s, m = self.config, self._slots, self.max_target_length
+        kv_shape = (cfg.num_layers, s, m, cfg.num_kv_heads, cfg.head_dim)
+        kv = named_sharding(self.mesh, ("layers", "cache_batch", "cache_seq", "act_kv_heads",
+                                        "head_dim"), kv_shape, self.rules)
+        vec = named_sharding(self.mesh, ("cache_batch",), (s,), self.rules)
+        keys = named_sharding(self.mesh, ("cache_batch", None), (s, 2), self.rules)
+        return {"cache": {"k": kv, "v": kv, "lengths": vec}, "tokens": vec, "active": vec,
+                "generated": vec, "limit": vec, "keys": keys}
+
+    # -- JetStream methods ---------------------------------------------------------------------
+    def load_params(self, params: Params | Any) -> Params:
+        """Places parameters (a dict or an NNX model, any layout) in the sampling layout."""
+        if hasattr(params, "params") and callable(params.params):
+            params = params.params()
+        return jax.device_put(params, self.param_shardings)
+
+    def init_decode_state(self) -> DecodeState:
+        """An empty decode state: preallocated KV cache, every slot free."""
+        cfg, s, m = self.config, self._slots, self.max_target_length
+        dt = jnp_dtype(self.cache_dtype)
+
+        def make():
+            kv = jnp.zeros((cfg.num_layers, s, m, cfg.num_kv_heads, cfg.head_dim), dt)
+            z = jnp.zeros((s,), jnp.int32)
+            return {"cache": {"k": kv, "v": kv, "lengths": z}, "tokens": z,
+                    "active": jnp.zeros((s,), bool), "generated": z, "limit": z,
+                    "keys": jnp.zeros((s, 2), jnp.uint32)}
+
+        return jax.jit(make, out_shardings=self.state_shardings)()
+
+    def bucket_for(self, length: int) -> int:
+        """The prefill bucket (padded length) for a prompt of `length` tokens."""
+        if length < 1:
+            raise ValueError("cannot prefill an empty prompt")
+        for b in self.buckets:
+            if length <= b:
+                return b
+        raise ValueError(f"prompt of {length} tokens exceeds max_prefill_length "
+                         f"{self._max_prefill}; truncate prompts in the data pipeline or raise it")
+
+    def pad_tokens(self, tokens: Sequence[int]) -> tuple[np.ndarray, int]:
+        """Right-pads a prompt to its bucket. Returns (padded_tokens, true_length)."""
+        n = len(tokens)
+        padded = np.full((self.bucket_for(n),), self.pad_token_id, np.int32)
+        padded[:n] = np.asarray(tokens, np.int32)
+        return padded, n
+
+    def prefill(self, params: Params, padded_tokens: jax.Array | np.ndarray, true_length: int,
+                *, key: jax.Array | None = None) -> tuple[Prefix, ResultTokens]:
+        """Runs the prompt through the model. Returns (prefix, first-token result).
+
+        The prefix holds the prompt's KV cache; `insert` resumes each slot from the prompt's last
+        token, so the n slots that share one prefix draw their first tokens independently.
+        """
+        bucket = int(np.shape(padded_tokens)[0])
+        if bucket not in self.buckets:
+            raise ValueError(f"padded_tokens length {bucket} is not a prefill bucket {self.buckets}; "
+                             "use Engine.pad_tokens")
+        if bucket not in self._prefill:
+            self._prefill[bucket] = self._build_prefill(bucket)
+        key = jax.random.key_data(key) if key is not None else jnp.zeros((2,), jnp.uint32)
+        prefix, first = self._prefill[bucket](params, jnp.asarray(padded_tokens, jnp.int32),
+                                              jnp.int32(true_length), key)
+        first = jax.device_get(first)
+        one = lambda x: np.asarray(x).reshape(1, 1)  # noqa: E731
+        result = ResultTokens(tokens=one(first["token"]), valid=np.ones((1, 1), bool),
+                              done=one(np.isin(first["token"], self.stop_token_ids)),
+                              stop=one(np.isin(first["token"], self.stop_token_ids)),
+                              lengths=np.ones((1, 1), np.int32), logprobs=one(first["logprob"]),
+                              sampling_logprobs=one(first["sampling_logprob"]))
+        return prefix, result
+
+    def _build_prefill(self, bucket: int):
+        cfg, sp, mesh, rules = self.config, self.sampling, self.mesh, self.rules
+        kv_sh = named_sharding(mesh, ("layers", None, None, "act_kv_heads", "head_dim"),
+                               (cfg.num_layers, 1, bucket, cfg.num_kv_heads, cfg.head_dim), rules)
+        rep = NamedSharding(mesh, PartitionSpec())
+
+        def fn(params, tokens, true_length, key):
+            dt = jnp_dtype(self.cache_dtype)
+            kv = jnp.zeros((cfg.num_layers, 1, bucket, cfg.num_kv_heads, cfg.head_dim), dt)
+            cache = {"k": kv, "v": kv, "lengths": jnp.zeros((1,), jnp.int32)}
+            mask = (jnp.arange(bucket) < true_length).astype(jnp.int32)[None]
+            hidden, cache = decoder_apply(params, cfg, tokens[None], mask, cache=cache, mesh=mesh,
+                                          rules=rules)
+            last = jax.lax.dynamic_index_in_dim(hidden[0], true_length - 1, keepdims=False)
+            logits = lm_logits(params, cfg, last[None])
+            tok, slp, plp = sample_tokens(logits, jax.random.wrap_key_data(key)[None], sp)
+            prefix = {"k": cache["k"], "v": cache["v"], "true_length": true_length,
+                      "last_token": tokens[true_length - 1]}
+            return prefix, {"token": tok[0], "logprob": plp[0], "sampling_logprob": slp[0]}
+
+        prefix_sh = {"k": kv_sh, "v": kv_sh, "true_length": rep, "last_token": rep}
+        return jax.jit(fn, in_shardings=(self.param_shardings, rep, rep, rep),
+                       out_shardings=(prefix_sh, {"token": rep, "logprob": rep,
+                                                  "sampling_logprob": rep}))
+
+    def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int, *,
+               key: jax.Array | None = None, max_new_tokens: int | None = None) -> DecodeState:
+        """Puts a prefilled prompt into decode slot `slot` (JetStream semantics)."""
+        return self.insert_many(prefix, decode_state, [slot],
+                                keys=None if key is None else [key], max_new_tokens=max_new_tokens)
+
+    def insert_many(self, prefix: Prefix, decode_state: DecodeState, slots: Sequence[int], *,
+                    keys: Sequence[jax.Array] | jax.Array | None = None,
+                    max_new_tokens: int | None = None) -> DecodeState:
+        """Inserts one prefix into several slots at once (the n samples of one prompt)."""
+        n = len(slots)
+        if n == 0:
+            return decode_state
+        if any(not 0 <= s < self._slots for s in slots):
+            raise ValueError(f"slots {list(slots)} out of range [0, {self._slots})")
+        width = 1 << (n - 1).bit_length()  # pad to a power of two so compiles stay few
+        slot_arr = np.full((width,), self._slots, np.int32)  # out-of-range index: dropped
+        slot_arr[:n] = slots
+        if keys is None:
+            key_arr = np.zeros((width, 2), np.uint32)
+        else:
+            kd = np.asarray(jax.device_get(jax.random.key_data(jnp.stack(list(keys)))
+                                           if not isinstance(keys, np.ndarray) else keys))
+            key_arr = np.zeros((width, 2), np.uint32)
+            key_arr[:n] = kd.reshape(n, 2)
+        budget = self.max_target_length if max_new_tokens is None else int(max_new_tokens)
+        bucket = int(prefix["k"].shape[2])
+        sig = (bucket, width)
+        if sig not in self._insert:
+            self._insert[sig] = self._build_insert(bucket, width)
+        return self._insert[sig](prefix, decode_state, jnp.asarray(slot_arr), jnp.asarray(key_arr),
+                                 jnp.int32(budget))
+
+    def _build_insert(self, bucket: int, width: int):
+        rep = self._replicated
+
+        def fn(prefix, state, slots, keys, budget):
+            cache = state["cache"]
+            k = cache["k"].at[:, slots, :bucket].set(
+                jnp.broadcast_to(prefix["k"], (prefix["k"].shape[0], width) + prefix["k"].shape[2:]),
+                mode="drop")
+            v = cache["v"].at[:, slots, :bucket].set(
+                jnp.broadcast_to(prefix["v"], (prefix["v"].shape[0], width) + prefix["v"].shape[2:]),
+                mode="drop")
+            start = prefix["true_length"] - 1  # resume from the last prompt token
+            fill = lambda arr, val: arr.at[slots].set(val, mode="drop")  # noqa: E731
+            return {
+                "cache": {"k": k, "v": v, "lengths": fill(cache["lengths"], start)},
+                "tokens": fill(state["tokens"], prefix["last_token"]),
+                "active": fill(state["active"], True),
+                "generated": fill(state["generated"], 0),
+                "limit": fill(state["limit"], budget),
+                "keys": state["keys"].at[slots].set(keys, mode="drop"),
+            }
+
+        return jax.jit(fn, donate_argnums=(1,),
+                       in_shardings=(None, self.state_shardings, rep, rep, rep),
+                       out_shardings=self.state_shardings)
+
+    def generate(self, params: Params, decode_state: DecodeState, *, num_steps: int = 1
+                 ) -> tuple[DecodeState, ResultTokens]:
+        """Advances every active slot by `num_steps` tokens in one device call."""
+        sig = (int(num_steps), self.sampling)
+        if sig not in self._generate:
+            self._generate[sig] = self._build_generate(int(num_steps), self.sampling)
+        state, out = self._generate[sig](params, decode_state)
+        out = jax.device_get(out)
+        return state, ResultTokens(**{k: np.asarray(v) for k, v in out.items()})
+
+    def generate_async(self, params: Params, decode_state: DecodeState, *, num_steps: int = 1):
+        """Like `generate` but returns device arrays (no host sync), for pipelined drivers."""
+        sig = (int(num_steps), self.sampling)
+        if sig not in self._generate:
+            self._generate[sig] = self._build_generate(int(num_steps), self.sampling)
+        return self._generate[sig](params, decode_state)
+
+    def _build_generate(self, num_steps: int, sp: SamplingParams):
+        cfg, mesh, rules = self.config, self.mesh, self.rules
+        stop_ids = jnp.asarray(self.stop_token_ids, jnp.int32)
+        max_len = self.max_target_length
+
+        def step(params, state):
+            active = state["active"]
+            hidden, cache = decoder_apply(params, cfg, state["tokens"][:, None],
+                                          active[:, None].astype(jnp.int32), cache=state["cache"],
+                                          mesh=mesh, rules=rules)
+            logits = lm_logits(params, cfg, hidden[:, 0])
+            keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(state["keys"]),
+                                                state["generated"])
+            tok, slp, plp = sample_tokens(logits, keys, sp)
+            generated = state["generated"] + active.astype(jnp.int32)
+            stop = jnp.isin(tok, stop_ids)
+            done = active & (stop | (generated >= state["limit"]) | (cache["lengths"] >= max_len))
+            out = {"tokens": tok, "valid": active, "done": done, "stop": stop & active,
+                   "lengths": generated, "logprobs": plp, "sampling_logprobs": slp}
+            new_state = {"cache": cache, "tokens": jnp.where(active, tok, state["tokens"]),
+                         "active": active & ~done, "generated": generated,
+                         "limit": state["limit"], "keys": state["keys"]}
+            return new_state, out
+
+        def fn(params, state):
+            return jax.lax.scan(lambda s, _: step(params, s), state, None, length=num_steps)
+
+        rep = self._replicated
+        out_sh = {k: rep for k in ("tokens", "valid", "done", "stop", "lengths", "logprobs",
+                                   "sampling_logprobs")}
+        return jax.jit(fn, donate_argnums=(1,),
+                       in_shardings=(self.param_shardings, self.state_shardings),
+                       out_shardings=(self.state_shardings, out_sh))
+
+    @staticmethod
+    def sample_keys(seed: int, request_id: int, num_samples: int) -> np.ndarray:
+        """Raw PRNG keys [n, 2] of a request's samples: functions of (seed, request, index) only."""
+        base = jax.random.fold_in(jax.random.key(seed), request_id)
+        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(num_samples))
+        return np.asarray(jax.random.key_data(keys))
+
+    def compile_count(self) -> int:
+        """Number of compiled executables across the engine's jitted steps."""
+        fns = list(self._prefill.values()) + list(self._insert.values()) + \
+            list(self._generate.values())
+        return sum(f._cache_size() for f in fns)
+

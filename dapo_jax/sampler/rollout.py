@@ -1,0 +1,169 @@
+"""Continuous-batching rollout driver over the JetStream-style `Engine`.
+
+Requests (prompt, n samples) queue up; each prompt is prefilled once and inserted into n decode
+slots; slots freed by finished samples are refilled from the queue; several decode steps run per
+host round-trip. Results come back in request order with the per-token log-probs the trainer needs.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import tqdm
+
+from dapo_jax.sampler.engine import Engine
+from dapo_jax.sampler.sampling import SamplingParams
+
+
+@dataclasses.dataclass
+class RolloutRequest:
+    """One prompt (token ids) to be sampled `n` times."""
+
+    prompt: Sequence[int]
+    n: int = 1
+    max_new_tokens: int | None = None
+
+
+@dataclasses.dataclass
+class Sample:
+    """One generated response."""
+
+    tokens: np.ndarray  # [L] int32, including the stop token when finish_reason == "eos"
+    logprobs: np.ndarray  # [L] float32 log-probs under the unmodified policy
+    sampling_logprobs: np.ndarray  # [L] float32 log-probs under the sampling distribution
+    finish_reason: str  # "eos" | "length"
+    text: str | None = None
+
+    @property
+    def length(self) -> int:
+        """Number of generated tokens."""
+        return int(self.tokens.shape[0])
+
+
+@dataclasses.dataclass
+class RolloutResult:
+    """Samples per request (request order, then sample order) and timing counters."""
+
+    samples: list[list[Sample]]
+    stats: dict[str, float]
+
+
+class RolloutDriver:
+    """Generates n samples per prompt with continuous batching over the engine's decode slots."""
+
+    def __init__(self, engine: Engine, params: Any = None, *, steps_per_sync: int = 8,
+                 tokenizer: Any = None, progress: bool | None = None):
+        if steps_per_sync < 1:
+            raise ValueError(f"steps_per_sync must be >= 1, got {steps_per_sync}")
+        self.engine = engine
+        self.steps_per_sync = int(steps_per_sync)
+        self.tokenizer = tokenizer
+        self.progress = progress
+        self.params = None if params is None else engine.load_params(params)
+        self._state = None
+
+    def update_params(self, params: Any) -> None:
+        """Swaps in new weights (any layout) between RL steps; shapes are unchanged: no recompile."""
+        self.params = self.engine.load_params(params)
+
+    def generate(self, requests: Sequence[RolloutRequest], *, seed: int = 0,
+                 sampling: SamplingParams | None = None, desc: str = "rollout") -> RolloutResult:
+        """Samples every request; deterministic for a given seed (keys depend on request/sample)."""
+        if self.params is None:
+            raise RuntimeError("RolloutDriver has no weights: pass params= or call update_params()")
+        eng = self.engine
+        if sampling is not None and sampling != eng.sampling:
+            eng.sampling = sampling
+        for i, r in enumerate(requests):
+            if r.n < 1:
+                raise ValueError(f"request {i}: n must be >= 1, got {r.n}")
+            if len(r.prompt) > eng.max_prefill_length:
+                raise ValueError(f"request {i}: prompt has {len(r.prompt)} tokens, more than the "
+                                 f"engine's max_prefill_length {eng.max_prefill_length}")
+            if len(r.prompt) == 0:
+                raise ValueError(f"request {i}: empty prompt")
+        if self._state is None:
+            self._state = eng.init_decode_state()
+        state = self._state
+
+        total = sum(r.n for r in requests)
+        show = self.progress if self.progress is not None else sys.stderr.isatty()
+        bar = tqdm.tqdm(total=total, desc=desc, disable=not show, unit="seq", leave=False)
+        stats = collections.Counter()
+        t_start = time.perf_counter()
+        results: list[list[Sample | None]] = [[None] * r.n for r in requests]
+        buffers: dict[int, tuple[int, int, list, list, list]] = {}
+        free = collections.deque(range(eng.max_concurrent_decodes))
+        queue = collections.deque(range(len(requests)))
+        next_sample = [0] * len(requests)
+        prefix = None
+        prefix_req = -1
+        pool = concurrent.futures.ThreadPoolExecutor(1) if self.tokenizer is not None else None
+        texts: dict[tuple[int, int], concurrent.futures.Future] = {}
+
+        while queue or buffers:
+            # Fill free slots from the queue (one prefill per prompt, shared by its n samples).
+            while free and queue:
+                r = queue[0]
+                req = requests[r]
+                if prefix_req != r:
+                    t0 = time.perf_counter()
+                    padded, true_len = eng.pad_tokens(req.prompt)
+                    prefix, _ = eng.prefill(self.params, padded, true_len)
+                    prefix_req = r
+                    stats["prefill_tokens"] += true_len
+                    stats["prefill_s"] += time.perf_counter() - t0
+                    keys = eng.sample_keys(seed, r, req.n)
+                k = min(len(free), req.n - next_sample[r])
+                slots = [free.popleft() for _ in range(k)]
+                idx = list(range(next_sample[r], next_sample[r] + k))
+                budget = req.max_new_tokens or eng.max_target_length
+                t0 = time.perf_counter()
+                state = eng.insert_many(prefix, state, slots, keys=keys[idx], max_new_tokens=budget)
+                stats["insert_s"] += time.perf_counter() - t0
+                for s, j in zip(slots, idx):
+                    buffers[s] = (r, j, [], [], [])
+                next_sample[r] += k
+                if next_sample[r] == req.n:
+                    queue.popleft()
+            # Decode several steps per host round-trip.
+            t0 = time.perf_counter()
+            state, res = eng.generate(self.params, state, num_steps=self.steps_per_sync)
+            stats["decode_s"] += time.perf_counter() - t0
+            stats["decode_steps"] += self.steps_per_sync
+            for t in range(res.tokens.shape[0]):
+                for s in np.nonzero(res.valid[t])[0]:
+                    r, j, toks, lps, slps = buffers[s]
+                    toks.append(res.tokens[t, s])
+                    lps.append(res.logprobs[t, s])
+                    slps.append(res.sampling_logprobs[t, s])
+                    if res.done[t, s]:
+                        sample = Sample(np.asarray(toks, np.int32), np.asarray(lps, np.float32),
+                                        np.asarray(slps, np.float32),
+                                        "eos" if res.stop[t, s] else "length")
+                        results[r][j] = sample
+                        stats["decode_tokens"] += len(toks)
+                        if pool is not None:
+                            texts[(r, j)] = pool.submit(self.tokenizer.decode, sample.tokens,
+                                                        skip_special_tokens=True)
+                        del buffers[s]
+                        free.append(s)
+                        bar.update(1)
+        self._state = state
+        bar.close()
+        if pool is not None:
+            for (r, j), fut in texts.items():
+                results[r][j].text = fut.result()
+            pool.shutdown()
+        stats["wall_s"] = time.perf_counter() - t_start
+        stats["decode_tokens_per_s"] = stats["decode_tokens"] / max(stats["decode_s"], 1e-9)
+        stats["tokens_per_s"] = stats["decode_tokens"] / max(stats["wall_s"], 1e-9)
+        return RolloutResult(samples=results, stats=dict(stats))
+
+
