@@ -1,0 +1,139 @@
+"""The full configuration schema with defaults: every experiment config starts from `get_base_config()`.
+
+Defaults are the DAPO paper's (arXiv 2503.14476, Sec. 4.1) where the paper states a value. Derived
+values are FieldReferences, so `--config.data.max_response_length=...` also moves the rollout
+budget and the overlong-penalty interval.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Table 1 of the paper: each stage adds one technique to the previous one.
+ABLATION_STAGES = ("naive_grpo", "overlong_filter", "clip_higher", "soft_overlong", "token_level",
+                   "dapo")
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """All fields with defaults (the paper's DAPO settings for the algorithm)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # Policy model: a HF checkpoint directory (local or gs://) or, when empty, a random preset.
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""
+    c.model.preset = "tiny"
+    c.model.param_dtype = "float32"  # parameter storage (AdamW state follows it)
+    c.model.dtype = "bfloat16"  # matmul / activation dtype
+    c.model.remat = "full"  # none | full | dots
+    c.model.scan_layers = True
+    c.model.vocab_size = 0  # preset override (0 = keep); the toy sets it from its tokenizer
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ""  # defaults to model.path
+    c.tokenizer.stop_tokens = ["<|im_end|>", "<|endoftext|>"]  # plus the tokenizer's EOS
+
+    # Device mesh; -1 absorbs the remaining devices. Training and sampling share it.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = "toy"  # "toy", a DAPO parquet file/folder, or a JSONL problem file
+    c.data.val = ["toy"]  # datasets evaluated every trainer.test_freq steps
+    c.data.template = "dapo"  # prompt template for bare problems (JSONL / toy): dapo | short
+    c.data.system_prompt = ml_collections.config_dict.placeholder(str)  # None = no system message
+    c.data.apply_chat_template = True
+    c.data.max_prompt_length = 2048
+    c.data.max_response_length = 20480
+    c.data.num_epochs = 0  # 0 = repeat forever (the step count decides)
+    c.data.shuffle = True
+    c.data.cache_dir = ""  # TFDS array_record cache; empty = <workdir>/tfds
+    c.data.toy = ml_collections.ConfigDict()
+    c.data.toy.num_train = 4000
+    c.data.toy.num_heldout = 200
+    c.data.toy.max_operands = 2
+    c.data.toy.max_digits = 2
+    c.data.toy.operators = "+-"
+
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.n = 16  # samples per prompt (group size G)
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0
+    c.rollout.max_new_tokens = c.data.get_ref("max_response_length")
+    c.rollout.max_concurrent_decodes = 256  # decode slots
+    c.rollout.steps_per_sync = 16  # decode steps per host round-trip
+    c.rollout.cache_dtype = "bfloat16"
+
+    c.algo = ml_collections.ConfigDict()
+    c.algo.clip_ratio_low = 0.2
+    c.algo.clip_ratio_high = 0.28  # Clip-Higher
+    c.algo.clip_ratio_c = 10.0  # dual-clip (verl recipe); 0 disables (the paper's Eq. 10 exactly)
+    c.algo.loss_agg_mode = "token-mean"  # Eq. 12
+    c.algo.loss_scale_length = 0  # seq-mean-token-sum-norm divisor; 0 = max_response_length
+    c.algo.log_ratio_clamp = 0.0  # 0 = off
+    c.algo.adv_eps = 1e-6
+    c.algo.norm_adv_by_std = True  # False = Dr.GRPO
+    c.algo.overlong_filter = True  # mask truncated samples out of the loss (Sec. 3.4)
+    c.algo.overlong_buffer = ml_collections.ConfigDict()
+    c.algo.overlong_buffer.enable = True  # soft overlong punishment, Eq. 13
+    c.algo.overlong_buffer.len = 4096  # L_cache
+    c.algo.overlong_buffer.penalty_factor = 1.0
+    c.algo.dynamic_sampling = ml_collections.ConfigDict()
+    c.algo.dynamic_sampling.enable = True  # Eq. 11
+    c.algo.dynamic_sampling.metric = "acc"  # acc | score
+    c.algo.dynamic_sampling.max_num_gen_batches = 10  # 0 = unlimited
+    c.algo.dynamic_sampling.on_cap = "error"  # error | proceed
+    c.algo.dynamic_sampling.carry_over = True  # verl discards surplus groups (False)
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.scorer = "math_dapo"  # math_dapo | math_verify
+    c.reward.num_workers = 0  # 0 = auto (process pool for large batches)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-6
+    c.optim.warmup_steps = 10  # linear warmup, then constant
+    c.optim.weight_decay = 0.1
+    c.optim.grad_clip = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+
+    c.trainer = ml_collections.ConfigDict()
+    c.trainer.total_steps = 100  # optimizer-side training steps (not generation batches)
+    c.trainer.train_batch_size = 512  # prompt groups per training step
+    c.trainer.gen_batch_size = 1536  # prompts per generation batch (dynamic sampling draws more)
+    c.trainer.mini_batch_size = 512  # samples per optimizer update
+    c.trainer.micro_batch_size = 16  # samples per gradient-accumulation micro-batch
+    c.trainer.logprob_chunk_size = 1024  # sequence chunk for the vocab projection
+    c.trainer.save_every = 10
+    c.trainer.keep_checkpoints = 3
+    c.trainer.async_checkpointing = True
+    c.trainer.test_freq = 5  # validation every N steps (0 = off)
+    c.trainer.val_before_train = True
+    c.trainer.peak_flops_per_device = 0.0  # for MFU; 0 = look up by device kind
+    c.trainer.export_hf_on_finish = False
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.n = 32  # samples per problem: avg@32
+    c.eval.temperature = 1.0
+    c.eval.top_p = 0.7
+    c.eval.top_k = 0
+    c.eval.max_new_tokens = c.data.get_ref("max_response_length")
+    c.eval.max_problems = 0  # 0 = all
+    return c
+
+
+def apply_ablation(c: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+    """Configures the paper's Table 1 ladder: naive GRPO, then each technique added in turn."""
+    if stage not in ABLATION_STAGES:
+        raise ValueError(f"Unknown ablation stage {stage!r}; choose one of {ABLATION_STAGES}")
+    level = ABLATION_STAGES.index(stage)
+    c.algo.overlong_filter = level >= 1
+    c.algo.clip_ratio_high = 0.28 if level >= 2 else c.algo.clip_ratio_low
+    c.algo.overlong_buffer.enable = level >= 3
+    c.algo.loss_agg_mode = "token-mean" if level >= 4 else "seq-mean-token-mean"
+    c.algo.dynamic_sampling.enable = level >= 5
+    return c
