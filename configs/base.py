@@ -116,6 +116,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.trainer.peak_flops_per_device = 0.0  # for MFU; 0 = look up by device kind
     c.trainer.export_hf_on_finish = False
 
+    # Supervised warm start from worked solutions (toy demo only: the policy starts from random weights).
+    c.warm_start = ml_collections.ConfigDict()
+    c.warm_start.steps = 0
+    c.warm_start.batch_size = 64
+    c.warm_start.lr = 3e-3
+
     c.eval = ml_collections.ConfigDict()
     c.eval.n = 32  # samples per problem: avg@32
     c.eval.temperature = 1.0

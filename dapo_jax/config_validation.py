@@ -1,0 +1,80 @@
+"""Validation of experiment configs: fail early with a message that names the field and the fix."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from dapo_jax.algo import LOSS_AGG_MODES
+from dapo_jax.models.config import DTYPES, PRESETS, REMAT_POLICIES
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and how to fix it."""
+
+
+def _check(cond: bool, key: str, msg: str, problems: list[str]) -> None:
+    if not cond:
+        problems.append(f"config.{key}: {msg}")
+
+
+def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raises ConfigError listing every invalid field of a training config."""
+    p: list[str] = []
+    _check(bool(c.model.path) or c.model.preset.lower() in PRESETS, "model.preset",
+           f"unknown preset {c.model.preset!r} and no model.path; choose one of {sorted(PRESETS)}", p)
+    for key in ("param_dtype", "dtype"):
+        _check(c.model[key] in DTYPES, f"model.{key}", f"must be one of {DTYPES}", p)
+    _check(c.rollout.cache_dtype in DTYPES, "rollout.cache_dtype", f"must be one of {DTYPES}", p)
+    _check(c.model.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}", p)
+    t, a, r, d = c.trainer, c.algo, c.rollout, c.data
+    _check(d.max_prompt_length > 0, "data.max_prompt_length", "must be positive", p)
+    _check(d.max_response_length > 0, "data.max_response_length", "must be positive", p)
+    _check(r.n >= 1, "rollout.n", "must be >= 1 (samples per prompt)", p)
+    _check(r.n >= 2 or not a.dynamic_sampling.enable, "rollout.n",
+           "dynamic sampling needs groups of >= 2 samples; raise rollout.n or disable "
+           "algo.dynamic_sampling.enable", p)
+    _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]", p)
+    _check(r.temperature >= 0, "rollout.temperature", "must be >= 0", p)
+    _check(r.max_concurrent_decodes >= 1, "rollout.max_concurrent_decodes", "must be >= 1", p)
+    _check(0 < r.max_new_tokens <= d.max_response_length, "rollout.max_new_tokens",
+           f"must be in [1, data.max_response_length={d.max_response_length}]", p)
+    _check(t.total_steps >= 1, "trainer.total_steps", "must be >= 1", p)
+    _check(t.train_batch_size >= 1, "trainer.train_batch_size", "must be >= 1", p)
+    _check(t.gen_batch_size >= 1, "trainer.gen_batch_size", "must be >= 1", p)
+    _check(a.dynamic_sampling.enable or t.gen_batch_size == t.train_batch_size,
+           "trainer.gen_batch_size", f"without dynamic sampling every generated group is trained on, "
+           f"so gen_batch_size must equal train_batch_size ({t.train_batch_size})", p)
+    samples = t.train_batch_size * r.n
+    _check(t.mini_batch_size >= 1 and samples % t.mini_batch_size == 0, "trainer.mini_batch_size",
+           f"must divide train_batch_size * rollout.n = {samples} samples (the paper: 512 prompts x 16 "
+           "= 8192 samples, mini-batch 512 = 16 updates per step)", p)
+    _check(t.micro_batch_size >= 1 and t.mini_batch_size % max(t.micro_batch_size, 1) == 0,
+           "trainer.micro_batch_size", f"must divide trainer.mini_batch_size ({t.mini_batch_size})", p)
+    if num_devices:
+        dp = num_devices // max(1, c.mesh.tensor) if c.mesh.tensor > 0 else num_devices
+        _check(t.micro_batch_size % max(dp, 1) == 0 or t.micro_batch_size >= dp,
+               "trainer.micro_batch_size", f"should be a multiple of the data-parallel size {dp}", p)
+    _check(a.loss_agg_mode in LOSS_AGG_MODES, "algo.loss_agg_mode", f"must be one of {LOSS_AGG_MODES}",
+           p)
+    _check(0 <= a.clip_ratio_low < 1, "algo.clip_ratio_low", "must be in [0, 1)", p)
+    _check(a.clip_ratio_high >= 0, "algo.clip_ratio_high", "must be >= 0", p)
+    _check(a.clip_ratio_c == 0 or a.clip_ratio_c > 1, "algo.clip_ratio_c",
+           "must be > 1 (dual-clip bound) or 0 to disable", p)
+    if a.overlong_buffer.enable:
+        _check(0 < a.overlong_buffer.len < d.max_response_length, "algo.overlong_buffer.len",
+               f"must be in (0, data.max_response_length={d.max_response_length})", p)
+    _check(a.dynamic_sampling.metric in ("acc", "score"), "algo.dynamic_sampling.metric",
+           "must be 'acc' or 'score'", p)
+    _check(a.dynamic_sampling.on_cap in ("error", "proceed"), "algo.dynamic_sampling.on_cap",
+           "must be 'error' or 'proceed'", p)
+    _check(a.dynamic_sampling.max_num_gen_batches >= 0, "algo.dynamic_sampling.max_num_gen_batches",
+           "must be >= 0 (0 = unlimited)", p)
+    _check(c.optim.lr > 0, "optim.lr", "must be > 0", p)
+    _check(t.save_every >= 1, "trainer.save_every", "must be >= 1", p)
+    _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1", p)
+    _check(c.reward.scorer in ("math_dapo", "math_verify"), "reward.scorer",
+           "must be 'math_dapo' or 'math_verify'", p)
+    _check(0 < c.eval.top_p <= 1, "eval.top_p", "must be in (0, 1]", p)
+    _check(c.eval.n >= 1, "eval.n", "must be >= 1", p)
+    if p:
+        raise ConfigError("Invalid config:\n  " + "\n  ".join(p))

@@ -1,0 +1,46 @@
+"""Entry point: `python -m dapo_jax.train --config configs/X.py[:arg] --workdir DIR [--config.a.b=v]`.
+
+Restarting with the same --workdir resumes from its latest complete checkpoint. On SIGTERM (TPU spot
+preemption) the current step finishes, a checkpoint is saved and the process exits with code 42.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/toy.py", "Experiment config file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here (local or gs://).")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 (GPU "
+                    "clusters / local tests; TPU VMs are detected automatically).")
+flags.DEFINE_integer("num_processes", None, "Multi-process: total number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+flags.DEFINE_bool("progress", None, "Progress bars (default: when stderr is a TTY).")
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+    del argv
+    from dapo_jax import distributed
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    from dapo_jax.trainer import PREEMPTED_EXIT_CODE, Preempted, Trainer
+
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required (checkpoints, metrics and logs go there)")
+    logging.getLogger().setLevel(logging.INFO)
+    trainer = Trainer(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+    try:
+        trainer.train()
+    except Preempted as e:
+        print(str(e), flush=True)
+        trainer.close()
+        sys.exit(PREEMPTED_EXIT_CODE)
+    trainer.close()
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,162 @@
+"""Jitted training computations with explicit shardings: log-probs, and one DAPO optimizer update.
+
+An update takes one mini-batch laid out as [num_micro, micro_batch, ...] and scans over the
+micro-batches accumulating gradients. Each micro-batch's loss is its token-sum divided by the
+*mini-batch's* token count (DAPO Eq. 12), so the summed gradient is exactly the mini-batch's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dapo_jax import algo
+from dapo_jax.models.config import ModelConfig
+from dapo_jax.models.logprobs import sequence_logprobs
+from dapo_jax.models.qwen2 import Params
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """The static knobs of the DAPO objective (from config.algo)."""
+
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    clip_ratio_c: float | None = 10.0
+    loss_agg_mode: str = "token-mean"
+    loss_scale_length: float | None = None
+    log_ratio_clamp: float | None = None
+    num_dp_ranks: int = 1  # only for verl-legacy-token-mean
+    chunk_size: int = 1024
+
+
+def lr_schedule(lr: float, warmup_steps: int) -> Callable[[int], float]:
+    """Linear warmup from 0 over `warmup_steps` training steps, then constant (the paper's schedule)."""
+    def schedule(step):
+        if warmup_steps <= 0:
+            return lr
+        return lr * jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / warmup_steps)
+    return schedule
+
+
+def make_optimizer(*, weight_decay: float, grad_clip: float, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8) -> optax.GradientTransformation:
+    """AdamW (decoupled weight decay, as torch) after global-norm clipping; lr injected per step."""
+    def build(learning_rate):
+        parts = []
+        if grad_clip and grad_clip > 0:
+            parts.append(optax.clip_by_global_norm(grad_clip))
+        parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+        return optax.chain(*parts)
+    return optax.inject_hyperparams(build)(learning_rate=0.0)
+
+
+def batch_spec(ndim: int, leading: int = 0) -> PartitionSpec:
+    """PartitionSpec of a batch array: `leading` unsharded axes, then batch over (data, fsdp)."""
+    return PartitionSpec(*([None] * leading), ("data", "fsdp"), *([None] * (ndim - leading - 1)))
+
+
+def build_logprob_fn(cfg: ModelConfig, mesh: Mesh, param_shardings: Any, prompt_len: int,
+                     chunk_size: int, rules: Mapping[str, Any] | None = None):
+    """jit(params, input_ids, attention_mask, response_mask) -> (logprobs, entropy), each [B, R].
+
+    Rows are [left-padded prompt of `prompt_len` | right-padded response]; outputs cover the response.
+    """
+    bsh = NamedSharding(mesh, batch_spec(2))
+
+    def fn(params, input_ids, attention_mask, response_mask):
+        targets = jnp.concatenate([jnp.zeros_like(attention_mask[:, :prompt_len]), response_mask],
+                                  axis=1)
+        lp, ent = sequence_logprobs(params, cfg, input_ids, attention_mask, targets,
+                                    return_entropy=True, chunk_size=chunk_size, mesh=mesh, rules=rules)
+        return lp[:, prompt_len:], ent[:, prompt_len:]
+
+    return jax.jit(fn, in_shardings=(param_shardings, bsh, bsh, bsh), out_shardings=(bsh, bsh))
+
+
+def build_update_fn(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                    param_shardings: Any, opt_shardings: Any, prompt_len: int,
+                    loss: LossSettings, rules: Mapping[str, Any] | None = None):
+    """jit(params, opt_state, minibatch, lr) -> (params, opt_state, metrics): one optimizer update.
+
+    `minibatch` fields are [num_micro, micro_batch, ...]: input_ids, attention_mask (full rows),
+    response_mask, old_logprobs ([..., R]) and advantages ([M, mb]); plus scalars token_count and
+    seq_count of the whole mini-batch. Non-finite gradients skip the update (reported in metrics).
+    """
+    rep = NamedSharding(mesh, PartitionSpec())
+    mb_sh = {k: NamedSharding(mesh, batch_spec(n, leading=1)) for k, n in
+             (("input_ids", 3), ("attention_mask", 3), ("response_mask", 3), ("old_logprobs", 3),
+              ("advantages", 2))}
+    mb_sh.update(token_count=rep, seq_count=rep)
+
+    def micro_loss(params, micro, token_count, seq_count, weight):
+        targets = jnp.concatenate(
+            [jnp.zeros_like(micro["attention_mask"][:, :prompt_len]), micro["response_mask"]], axis=1)
+        lp, ent = sequence_logprobs(params, cfg, micro["input_ids"], micro["attention_mask"], targets,
+                                    return_entropy=True, chunk_size=loss.chunk_size, mesh=mesh,
+                                    rules=rules)
+        lp, ent = lp[:, prompt_len:], ent[:, prompt_len:]
+        legacy = loss.loss_agg_mode == "verl-legacy-token-mean"
+        value, metrics = algo.compute_policy_loss(
+            micro["old_logprobs"], lp, micro["advantages"], micro["response_mask"],
+            clip_ratio_low=loss.clip_ratio_low, clip_ratio_high=loss.clip_ratio_high,
+            clip_ratio_c=loss.clip_ratio_c, loss_agg_mode=loss.loss_agg_mode,
+            global_token_count=None if legacy else token_count,
+            global_seq_count=None if legacy else seq_count,
+            loss_scale_length=loss.loss_scale_length, log_ratio_clamp=loss.log_ratio_clamp,
+            micro_batch_weight=weight if legacy else None,
+            num_dp_ranks=loss.num_dp_ranks if legacy else 1)
+        mask = micro["response_mask"] > 0
+        metrics["entropy_sum"] = jax.lax.stop_gradient(jnp.sum(jnp.where(mask, ent, 0.0)))
+        return value, metrics
+
+    def fn(params, opt_state, mb, lr):
+        num_micro = mb["input_ids"].shape[0]
+        weight = jnp.float32(1.0 / num_micro)
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+        def body(acc, micro):
+            (value, metrics), grads = grad_fn(params, micro, mb["token_count"], mb["seq_count"],
+                                              weight)
+            grads_acc, loss_acc, met_acc = acc
+            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            met_acc = {k: met_acc[k] + metrics[k] for k in met_acc}
+            return (grads_acc, loss_acc + value, met_acc), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        names = ["pg_loss_sum", "pg_clipfrac_sum", "pg_clipfrac_upper_sum",
+                 "pg_clipfrac_lower_bound_sum", "pg_clipfrac_lower_sum", "ppo_kl_sum",
+                 "entropy_sum", "token_count"]
+        init = (zeros, jnp.float32(0.0), {k: jnp.float32(0.0) for k in names})
+        micro_batches = {k: mb[k] for k in ("input_ids", "attention_mask", "response_mask",
+                                            "old_logprobs", "advantages")}
+        (grads, loss_value, sums), _ = jax.lax.scan(body, init, micro_batches)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(grad_norm)
+        opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # Skip the update (keep params and optimizer moments) when the gradient is not finite.
+        new_params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params)
+        new_opt = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_opt, opt_state)
+        count = jnp.maximum(sums["token_count"], 1.0)
+        metrics = {k[:-4]: v / count for k, v in sums.items() if k.endswith("_sum")}
+        metrics.update(loss=loss_value, grad_norm=grad_norm, update_skipped=(~finite).astype(jnp.float32),
+                       response_tokens=sums["token_count"])
+        return new_params, new_opt, metrics
+
+    return jax.jit(fn, donate_argnums=(0, 1),
+                   in_shardings=(param_shardings, opt_shardings, mb_sh, rep),
+                   out_shardings=(param_shardings, opt_shardings, rep))
+
+
+def init_opt_state(tx: optax.GradientTransformation, params: Params) -> tuple[Any, Any]:
+    """Optimizer state created next to the params (moments inherit the params' shardings)."""
+    state = jax.jit(tx.init)(params)
+    return state, jax.tree.map(lambda x: x.sharding, state)
