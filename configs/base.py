@@ -38,6 +38,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.mesh.data = 1
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
+    c.mesh.num_devices = 0  # use the first N devices (0 = all), e.g. 1 for quick CPU runs
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "toy"  # "toy", a DAPO parquet file/folder, or a JSONL problem file
@@ -121,6 +122,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.warm_start.steps = 0
     c.warm_start.batch_size = 64
     c.warm_start.lr = 3e-3
+    # Fraction of worked solutions ending "So the result is N." instead of the DAPO "Answer: N" line.
+    c.warm_start.format_noise = 0.0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.n = 32  # samples per problem: avg@32

@@ -51,9 +51,19 @@ def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None
     _check(t.micro_batch_size >= 1 and t.mini_batch_size % max(t.micro_batch_size, 1) == 0,
            "trainer.micro_batch_size", f"must divide trainer.mini_batch_size ({t.mini_batch_size})", p)
     if num_devices:
-        dp = num_devices // max(1, c.mesh.tensor) if c.mesh.tensor > 0 else num_devices
-        _check(t.micro_batch_size % max(dp, 1) == 0 or t.micro_batch_size >= dp,
-               "trainer.micro_batch_size", f"should be a multiple of the data-parallel size {dp}", p)
+        n = c.mesh.num_devices or num_devices
+        _check(n <= num_devices, "mesh.num_devices", f"asks for {n} devices but {num_devices} exist", p)
+        fixed = [s for s in (c.mesh.data, c.mesh.fsdp, c.mesh.tensor) if s != -1]
+        known = 1
+        for s in fixed:
+            known *= s
+        sizes = {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor}
+        if -1 in sizes.values() and known and n % known == 0:
+            sizes = {k: (n // known if v == -1 else v) for k, v in sizes.items()}
+        dp = sizes["data"] * sizes["fsdp"]
+        _check(dp > 0 and t.micro_batch_size % dp == 0, "trainer.micro_batch_size",
+               f"must be a multiple of the data-parallel size data*fsdp = {dp} (mesh {sizes} on "
+               f"{n} devices): each device gets micro_batch_size / {dp} rows", p)
     _check(a.loss_agg_mode in LOSS_AGG_MODES, "algo.loss_agg_mode", f"must be one of {LOSS_AGG_MODES}",
            p)
     _check(0 <= a.clip_ratio_low < 1, "algo.clip_ratio_low", "must be in [0, 1)", p)

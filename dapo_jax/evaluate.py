@@ -74,7 +74,8 @@ def _load_checkpoint(path: str, step: int | None, config, mesh):
     m = config.model
     overrides = dict(dtype=m.dtype, remat="none", scan_layers=m.scan_layers)
     if (p / "config.json").exists():
-        model, cfg = models.load_pretrained(p, dtype=m.param_dtype, mesh=mesh, **overrides)
+        model, cfg = models.load_pretrained(p, dtype=m.param_dtype, mesh=mesh, compute_dtype=m.dtype,
+                                            remat="none", scan_layers=m.scan_layers)
         return model.params(), cfg, os.fspath(p)
     ckpt_dir = p / "checkpoints"
     if not ckpt_dir.exists():
@@ -129,7 +130,8 @@ def run(config, *, checkpoint: str | None, step: int | None, responses: str | No
         return results
     if not checkpoint:
         raise ValueError("give --checkpoint (HF dir or training workdir) or --responses FILE")
-    mesh = make_mesh({"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor})
+    mesh = make_mesh({"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor},
+                     devices=__import__("jax").devices()[:config.mesh.num_devices or None])
     params, cfg, tok_dir = _load_checkpoint(checkpoint, step, config, mesh)
     tokenizer = models.load_tokenizer(tok_dir)
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

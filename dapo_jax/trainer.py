@@ -30,6 +30,7 @@ import data_pipeline as dp
 from dapo_jax import algo, models
 from dapo_jax import datasets as ds_lib
 from dapo_jax.config_validation import validate_config
+from dapo_jax.host_transfer import to_host, tree_to_host
 from dapo_jax.metrics_writer import MetricsWriter, peak_flops_per_device
 from dapo_jax.models.sharding import make_mesh
 from dapo_jax.rewards.batch import score_batch
@@ -46,14 +47,6 @@ class Preempted(Exception):
     """Raised after a SIGTERM once the current step's checkpoint is saved."""
 
 
-def _host_array(x) -> np.ndarray:
-    """A numpy copy of a (possibly multi-host) replicated or sharded array."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 class Trainer:
     """Owns the mesh, policy, optimizer, sampler, data, dynamic-sampling state and checkpoints."""
 
@@ -64,7 +57,8 @@ class Trainer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.is_main = jax.process_index() == 0
         self.progress = sys.stderr.isatty() if progress is None else progress
-        self.mesh = make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor})
+        self.mesh = make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor},
+                              devices=jax.devices()[:c.mesh.num_devices or None])
         self.P, self.R = int(c.data.max_prompt_length), int(c.data.max_response_length)
         self.G = int(c.rollout.n)
         self._stop_requested = False
@@ -166,12 +160,16 @@ class Trainer:
         m = self.config.model
         return dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
 
+    def _load_overrides(self) -> dict[str, Any]:
+        m = self.config.model
+        return dict(dtype=m.param_dtype, compute_dtype=m.dtype, remat=m.remat,
+                    scan_layers=m.scan_layers)
+
     def _load_policy(self):
         c = self.config
         if c.model.path:
-            model, cfg = models.load_pretrained(c.model.path, dtype=c.model.param_dtype, mesh=self.mesh,
-                                                **{k: v for k, v in self._model_overrides().items()
-                                                   if k != "param_dtype"})
+            model, cfg = models.load_pretrained(c.model.path, mesh=self.mesh,
+                                                **self._load_overrides())
             return cfg, model.params()
         overrides = self._model_overrides()
         vocab = c.model.vocab_size or 0
@@ -196,17 +194,23 @@ class Trainer:
         cache = self.workdir / "warm_start"
         if (cache / "config.json").exists():
             log.info("warm start: reusing %s", cache)
-            model, _ = models.load_pretrained(cache, dtype=c.model.param_dtype, mesh=self.mesh,
-                                              **{k: v for k, v in self._model_overrides().items()
-                                                 if k != "param_dtype"})
+            model, _ = models.load_pretrained(cache, mesh=self.mesh, **self._load_overrides())
             return model.params()
         recs = self.train_records
         rendered = dp.render_prompts(self.tokenizer, recs, max_prompt_length=self.P,
                                      system_prompt=c.data.system_prompt,
                                      apply_chat_template=c.data.apply_chat_template)
         eos = self.stop_ids[0]
-        responses = [self.tokenizer(dp.toy_worked_solution(r), add_special_tokens=False)["input_ids"]
-                     + [eos] for r in recs]
+        rng = np.random.default_rng(c.seed)
+        texts = []
+        for r in recs:
+            text = dp.toy_worked_solution(r)
+            if rng.random() < c.warm_start.format_noise:
+                # An answer the DAPO rule cannot read: RL has to discover the rewarded format.
+                body, _, answer = text.rpartition("\nAnswer: ")
+                text = f"{body}\nSo the result is {answer}."
+            texts.append(text)
+        responses = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
         t0 = time.time()
         params, losses = supervised_warm_start(
             params, cfg, rendered.token_ids, responses, steps=c.warm_start.steps,
@@ -339,8 +343,8 @@ class Trainer:
                          for k, v in chunk.items()}
             d = self._device_batch(chunk)
             lp, ent = self.logprob_fn(self.params, d["ids"], d["mask"], d["resp"])
-            lps.append(_host_array(lp)[:e - s])
-            ents.append(_host_array(ent)[:e - s])
+            lps.append(to_host(lp)[:e - s])
+            ents.append(to_host(ent)[:e - s])
         return np.concatenate(lps), np.concatenate(ents)
 
     def train_step(self) -> dict[str, float]:
@@ -451,7 +455,7 @@ class Trainer:
             mb["seq_count"] = jnp.asarray(seq_count)
             self.params, self.opt_state, metrics = self.update_fn(self.params, self.opt_state, mb,
                                                                   jnp.float32(lr))
-            for name, v in jax.device_get(metrics).items():
+            for name, v in tree_to_host(metrics).items():
                 sums[name] = sums.get(name, 0.0) + float(v)
         out = {f"actor/{k}": v / n_mini for k, v in sums.items()
                if k not in ("update_skipped", "response_tokens")}
@@ -559,7 +563,6 @@ def _format_step(step: int, total: int, m: dict[str, float]) -> str:
 
 def _format_val(step: int, m: dict[str, float]) -> str:
     parts = [f"{k.split('/')[1]} {k.split('/')[-1]}={v:.3f}" for k, v in sorted(m.items())
-             if k.startswith("val-core") and k.endswith(("mean@32", "mean@16", "mean@8", "mean@4",
-                                                          "mean@1"))]
+             if k.startswith("val-core") and "/acc/mean@" in k]
     return f"validation @ step {step}: " + ", ".join(parts)
 

@@ -11,7 +11,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pathlib  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Identical programs compiled by different tests (every Trainer builds its own jitted closures) hit
+# XLA's persistent cache instead of recompiling: compiles dominate the suite's time on 2 cores.
+# Shared by the xdist workers of one run (writes are atomic); a clean clone starts empty.
+jax.config.update("jax_compilation_cache_dir", os.environ.get(
+    "DAPO_TEST_JAX_CACHE", str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "xla")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

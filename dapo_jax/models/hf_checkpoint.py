@@ -156,14 +156,17 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", mesh: Mesh | None = None,
-                    rules: Mapping[str, Any] | None = None, **config_overrides: Any
-                    ) -> tuple[Qwen2, ModelConfig]:
+                    rules: Mapping[str, Any] | None = None, compute_dtype: str | None = None,
+                    **config_overrides: Any) -> tuple[Qwen2, ModelConfig]:
     """Loads a HF Qwen2/Llama checkpoint directory straight into a sharded model.
 
-    `dtype` is the parameter storage dtype; `config_overrides` set ModelConfig fields (compute dtype,
-    remat, scan_layers...). Returns (model, model_config).
+    `dtype` is the parameter storage dtype and `compute_dtype` the matmul dtype (default: float32);
+    `config_overrides` set other ModelConfig fields (remat, scan_layers...). Returns (model, config).
     """
     local = _local_dir(path)
+    if compute_dtype is not None:
+        config_overrides["dtype"] = compute_dtype
+    config_overrides.pop("param_dtype", None)
     cfg = config_lib.from_hf_config(read_hf_config(local), param_dtype=dtype, **config_overrides)
     reader = CheckpointReader(local)
     mesh = _default_mesh(mesh)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dapo_jax.host_transfer import tree_to_host
 from dapo_jax.models import hf_checkpoint
 from dapo_jax.models.config import ModelConfig
 from dapo_jax.models.qwen2 import Params, decoder_apply, jnp_dtype, lm_logits
@@ -180,7 +181,7 @@ class Engine:
         key = jax.random.key_data(key) if key is not None else jnp.zeros((2,), jnp.uint32)
         prefix, first = self._prefill[bucket](params, jnp.asarray(padded_tokens, jnp.int32),
                                               jnp.int32(true_length), key)
-        first = jax.device_get(first)
+        first = tree_to_host(first)
         one = lambda x: np.asarray(x).reshape(1, 1)  # noqa: E731
         result = ResultTokens(tokens=one(first["token"]), valid=np.ones((1, 1), bool),
                               done=one(np.isin(first["token"], self.stop_token_ids)),
@@ -280,7 +281,7 @@ class Engine:
         if sig not in self._generate:
             self._generate[sig] = self._build_generate(int(num_steps), self.sampling)
         state, out = self._generate[sig](params, decode_state)
-        out = jax.device_get(out)
+        out = tree_to_host(out)
         return state, ResultTokens(**{k: np.asarray(v) for k, v in out.items()})
 
     def generate_async(self, params: Params, decode_state: DecodeState, *, num_steps: int = 1):

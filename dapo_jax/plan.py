@@ -1,0 +1,751 @@
+"""Memory planner: compiles the train and decode steps for a mesh and says whether they fit in HBM.
+
+    python -m dapo_jax.plan --config configs/dapo_qwen2_5_32b.py --topology v5p-128
+    python -m dapo_jax.plan --config configs/toy.py --devices 8 --hbm_gib 16 --config.mesh.tensor=2
+
+Nothing is allocated: both steps are lowered with abstract inputs (`jax.ShapeDtypeStruct` with
+shardings) on fake CPU devices, one per chip, and XLA's `memory_analysis()` of the compiled
+per-device program gives the numbers. Argument buffers follow exactly from shapes and shardings
+(the analytic column reproduces them); temporaries are XLA:CPU's buffer assignment, which differs
+somewhat from what XLA:TPU / XLA:GPU would pick.
+
+What stays on device between steps follows dapo_jax/trainer.py: the train params and optimizer
+state live for the whole run, and the RolloutDriver keeps the sampler's copy of the weights
+(sampling layout) and its decode state (KV cache) between rollouts. So the rollout phase is the
+decode step plus the train state, and the train phase is the update step plus the sampler's
+buffers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dapo_jax.models import hf_checkpoint
+from dapo_jax.models.config import ModelConfig, from_hf_config, preset
+from dapo_jax.models.qwen2 import jnp_dtype, param_shapes
+from dapo_jax.models.sharding import MESH_AXES, make_mesh
+from dapo_jax.sampler.engine import Engine
+from dapo_jax.sampler.sampling import SamplingParams
+from dapo_jax.topology import GIB, Topology, custom_topology, parse_topology
+from dapo_jax.train_step import LossSettings, batch_spec, build_update_fn, make_optimizer
+
+TIGHT_HEADROOM = 0.10  # below this the verdict warns: TPU temporaries can exceed XLA:CPU's
+
+
+# ------------------------------------------------------------------------------------------------
+# Results.
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    """XLA's per-device memory for one compiled step (bytes), plus its lower + compile time."""
+
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    compile_seconds: float
+    # Temporaries only XLA:CPU needs: it has no bfloat16 scatter, so writing into a bf16 KV cache
+    # goes through float32 copies of the cache. TPU and GPU scatter bf16 in place.
+    cpu_only_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        """Live bytes at the step's peak: inputs, outputs not aliased to (donated) inputs, temps."""
+        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+                - self.cpu_only_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Analytic:
+    """Per-device bytes computed from shapes and shardings alone (no compiler involved)."""
+
+    params: int  # train layout, param_dtype
+    opt_state: int  # AdamW moments (param_dtype) + counters
+    grad_accumulator: int  # the float32 gradient sum carried through the micro-batch scan
+    minibatch: int  # one mini-batch of inputs, [num_micro, micro_batch, ...]
+    remat_checkpoints: int  # activations kept for the backward pass under model.remat
+    attention_scores: int  # one layer's float32 attention scores (materialised, no flash kernel)
+    sampler_params: int  # sampling layout (tensor-parallel, replicated over data/fsdp)
+    decode_state: int  # KV cache + per-slot vectors
+    kv_cache: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """The sizes the plan was made for (from the config and the mesh)."""
+
+    preset: str
+    num_params: int
+    param_dtype: str
+    dtype: str
+    cache_dtype: str
+    remat: str
+    mesh: dict[str, int]
+    micro_batch_size: int
+    num_micro: int
+    seq_len: int
+    prompt_len: int
+    slots: int
+    steps_per_sync: int
+
+    @property
+    def batch_shards(self) -> int:
+        """Devices a batch is split over: data x fsdp."""
+        return self.mesh["data"] * self.mesh["fsdp"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """Everything compiled and computed for one config on one device count."""
+
+    shapes: Shapes
+    model: ModelConfig
+    train: StepMemory
+    decode: StepMemory
+    analytic: Analytic
+    alternatives: dict[str, Analytic]  # mesh description -> analytic numbers on that mesh
+
+    @property
+    def sampler_resident_bytes(self) -> int:
+        """The sampler's weights and decode state, which the RolloutDriver keeps between rollouts."""
+        return self.analytic.sampler_params + self.analytic.decode_state
+
+    @property
+    def train_peak_bytes(self) -> int:
+        """Per-device bytes during the update step, next to the resident sampler."""
+        return self.train.total_bytes + self.sampler_resident_bytes
+
+    @property
+    def rollout_peak_bytes(self) -> int:
+        """Per-device bytes during decoding: the decode step plus the resident train state."""
+        return self.decode.total_bytes + self.analytic.params + self.analytic.opt_state
+
+    @property
+    def peak_bytes(self) -> int:
+        """The larger of the two phases."""
+        return max(self.train_peak_bytes, self.rollout_peak_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Suggestion:
+    """One change that lowers per-device memory, with the bytes it is expected to save."""
+
+    phase: str  # "train" or "rollout"
+    action: str
+    saves_bytes: int
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanResult:
+    """The planner's answer: measurement, the accelerator it was judged against, and a verdict."""
+
+    measurement: Measurement
+    topology: Topology
+    verdict: str  # "FITS" or "DOES NOT FIT"
+    headroom: float  # (HBM - peak) / HBM; negative when it does not fit
+    suggestions: tuple[Suggestion, ...]
+
+    @property
+    def fits(self) -> bool:
+        """True when the larger phase fits in one chip's HBM."""
+        return self.verdict == "FITS"
+
+    @property
+    def peak_bytes(self) -> int:
+        """Per-device bytes of the larger phase."""
+        return self.measurement.peak_bytes
+
+
+# ------------------------------------------------------------------------------------------------
+# Config -> model / shapes.
+
+
+def model_config(config) -> ModelConfig:
+    """The ModelConfig the trainer would build from `config.model` (preset, or the checkpoint's)."""
+    m = config.model
+    overrides = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
+                     scan_layers=bool(m.scan_layers))
+    if int(m.get("vocab_size", 0) or 0) > 0:
+        overrides["vocab_size"] = int(m.vocab_size)
+    if m.preset:
+        return preset(m.preset, **overrides)
+    if not m.path:
+        raise ValueError("config.model.preset and config.model.path are both empty: the planner "
+                         "needs the architecture; set --config.model.preset=qwen2.5-32b (or a path)")
+    return from_hf_config(hf_checkpoint.read_hf_config(m.path), **overrides)
+
+
+def _validate(config, mesh: Mesh) -> tuple[int, int]:
+    """Checks the batch sizes against the mesh; returns (micro_batch_size, num_micro)."""
+    t = config.trainer
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro, mini = int(t.micro_batch_size), int(t.mini_batch_size)
+    if micro <= 0 or mini <= 0:
+        raise ValueError(f"trainer.mini_batch_size ({mini}) and trainer.micro_batch_size ({micro}) "
+                         "must be positive")
+    if mini % micro:
+        raise ValueError(f"trainer.mini_batch_size ({mini}) must be a multiple of "
+                         f"trainer.micro_batch_size ({micro})")
+    if micro % shards:
+        raise ValueError(f"trainer.micro_batch_size ({micro}) must be a multiple of mesh data x fsdp "
+                         f"({shards}): each device takes an equal share of a micro-batch")
+    for name in ("max_prompt_length", "max_response_length"):
+        if int(config.data[name]) <= 0:
+            raise ValueError(f"data.{name} must be positive, got {config.data[name]}")
+    if int(config.rollout.max_concurrent_decodes) <= 0:
+        raise ValueError("rollout.max_concurrent_decodes must be positive, got "
+                         f"{config.rollout.max_concurrent_decodes}")
+    return micro, mini // micro
+
+
+def loss_settings(config) -> LossSettings:
+    """LossSettings from config.algo / config.trainer (0 means 'off' for the optional knobs)."""
+    a = config.algo
+    return LossSettings(
+        clip_ratio_low=float(a.clip_ratio_low), clip_ratio_high=float(a.clip_ratio_high),
+        clip_ratio_c=float(a.clip_ratio_c) or None, loss_agg_mode=a.loss_agg_mode,
+        loss_scale_length=float(a.loss_scale_length or config.data.max_response_length),
+        log_ratio_clamp=float(a.log_ratio_clamp) or None,
+        chunk_size=int(config.trainer.logprob_chunk_size))
+
+
+# ------------------------------------------------------------------------------------------------
+# Analytic bytes.
+
+
+def shard_bytes(shape: Sequence[int], dtype: Any, sharding: NamedSharding) -> int:
+    """Bytes one device holds of an array with this global shape, dtype and sharding."""
+    return math.prod(sharding.shard_shape(tuple(shape))) * np.dtype(dtype).itemsize
+
+
+def tree_shard_bytes(tree: Any) -> int:
+    """Per-device bytes of a tree of sharded ShapeDtypeStructs."""
+    return sum(shard_bytes(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(tree))
+
+
+def abstract_params(cfg: ModelConfig, shardings: Any) -> Any:
+    """ShapeDtypeStructs of the parameters in `param_dtype`, with the given shardings."""
+    dt = jnp_dtype(cfg.param_dtype)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, dt, sharding=sh), param_shapes(cfg),
+                        shardings, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def opt_state_shardings(opt_abstract: Any, params_abstract: Any, mesh: Mesh) -> Any:
+    """Shardings the optimizer state gets next to the params: moments follow their parameter.
+
+    A state leaf whose key path ends with a parameter's path (and has its shape) takes that
+    parameter's sharding; counters and hyperparameters are replicated.
+    """
+    by_path = {tuple(str(k) for k in path): leaf
+               for path, leaf in jax.tree_util.tree_leaves_with_path(params_abstract)}
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        keys = tuple(str(k) for k in path)
+        for start in range(len(keys)):
+            p = by_path.get(keys[start:])
+            if p is not None and p.shape == leaf.shape:
+                return p.sharding
+        return rep
+
+    return jax.tree_util.tree_map_with_path(pick, opt_abstract)
+
+
+def _divides(n: int, k: int) -> int:
+    """k when it divides n, else 1 (the sharding rules replicate instead of splitting unevenly)."""
+    return k if k > 0 and n % k == 0 else 1
+
+
+def activation_bytes(cfg: ModelConfig, rows: int, seq: int, tensor: int, remat: str) -> int:
+    """Activations one device keeps for the backward pass over all layers, for `rows` sequences.
+
+    `full` keeps each layer's input; `dots` also keeps the projection outputs (q/k/v/o, gate, up,
+    down); `none` keeps every intermediate, dominated by the [heads, T, T] attention scores.
+    """
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    h = cfg.num_heads // _divides(cfg.num_heads, tensor)
+    k = cfg.num_kv_heads // _divides(cfg.num_kv_heads, tensor)
+    f_dev = f // _divides(f, tensor)
+    a = np.dtype(jnp_dtype(cfg.dtype)).itemsize
+    per_token = {
+        "full": d * a,
+        "dots": (2 * d + (h + 2 * k) * hd + h * hd + 2 * f_dev) * a,
+        "none": (4 * d + 2 * (h + 2 * k) * hd + 4 * f_dev) * a + h * seq * (4 + a),
+    }[remat]
+    return cfg.num_layers * rows * seq * per_token
+
+
+def attention_score_bytes(cfg: ModelConfig, rows: int, seq: int, tensor: int) -> int:
+    """One layer's float32 attention scores [rows, heads, T, T] on one device."""
+    h = cfg.num_heads // _divides(cfg.num_heads, tensor)
+    return rows * h * seq * seq * 4
+
+
+def analytic(cfg: ModelConfig, mesh: Mesh, shapes: Shapes, tx) -> Analytic:
+    """Per-device bytes of every persistent buffer on `mesh`, from shapes and shardings."""
+    train_sh = hf_checkpoint.param_shardings(cfg, mesh)
+    params = abstract_params(cfg, train_sh)
+    opt = _abstract_opt_state(tx, params, mesh)
+    grads = sum(shard_bytes(p.shape, jnp.float32, p.sharding) for p in jax.tree.leaves(params))
+    engine = _engine(cfg, mesh, shapes)
+    sampler = abstract_params(cfg, engine.param_shardings)
+    state = _abstract_decode_state(engine)
+    rows = shapes.micro_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+    tensor = mesh.shape["tensor"]
+    return Analytic(
+        params=tree_shard_bytes(params), opt_state=tree_shard_bytes(opt), grad_accumulator=grads,
+        minibatch=tree_shard_bytes(_abstract_minibatch(mesh, shapes)),
+        remat_checkpoints=activation_bytes(cfg, rows, shapes.seq_len, tensor, cfg.remat),
+        attention_scores=attention_score_bytes(cfg, rows, shapes.seq_len, tensor),
+        sampler_params=tree_shard_bytes(sampler), decode_state=tree_shard_bytes(state),
+        kv_cache=tree_shard_bytes({k: state["cache"][k] for k in ("k", "v")}))
+
+
+# ------------------------------------------------------------------------------------------------
+# Abstract inputs and compilation.
+
+
+def _abstract_opt_state(tx, params: Any, mesh: Mesh) -> Any:
+    opt = jax.eval_shape(tx.init, params)
+    shardings = opt_state_shardings(opt, params, mesh)
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), opt,
+                        shardings)
+
+
+def _abstract_minibatch(mesh: Mesh, shapes: Shapes) -> dict[str, jax.ShapeDtypeStruct]:
+    """One mini-batch as the update step takes it: [num_micro, micro_batch, ...] per field."""
+    m, b, t = shapes.num_micro, shapes.micro_batch_size, shapes.seq_len
+    r = t - shapes.prompt_len
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def arr(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
+            mesh, batch_spec(len(shape), leading=1)))
+
+    return {"input_ids": arr((m, b, t), jnp.int32), "attention_mask": arr((m, b, t), jnp.int32),
+            "response_mask": arr((m, b, r), jnp.int32), "old_logprobs": arr((m, b, r), jnp.float32),
+            "advantages": arr((m, b), jnp.float32),
+            "token_count": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+            "seq_count": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)}
+
+
+def _engine(cfg: ModelConfig, mesh: Mesh, shapes: Shapes, sampling: SamplingParams | None = None
+            ) -> Engine:
+    eos = cfg.eos_token_id if cfg.eos_token_id is not None else 0
+    stop = eos if isinstance(eos, (list, tuple)) else [eos]
+    return Engine(cfg, max_concurrent_decodes=shapes.slots, max_prefill_length=shapes.prompt_len,
+                  max_target_length=shapes.seq_len, stop_token_ids=stop,
+                  sampling=sampling or SamplingParams(), mesh=mesh, cache_dtype=shapes.cache_dtype)
+
+
+def _abstract_decode_state(engine: Engine) -> Any:
+    state = jax.eval_shape(engine.init_decode_state)
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state,
+                        engine.state_shardings)
+
+
+def _memory(compiled, seconds: float) -> StepMemory:
+    m = compiled.memory_analysis()
+    if m is None:
+        raise RuntimeError("XLA returned no memory analysis for this backend; run the planner on "
+                           "CPU (JAX_PLATFORMS=cpu), which `python -m dapo_jax.plan` arranges")
+    return StepMemory(argument_bytes=int(m.argument_size_in_bytes),
+                      output_bytes=int(m.output_size_in_bytes), alias_bytes=int(m.alias_size_in_bytes),
+                      temp_bytes=int(m.temp_size_in_bytes),
+                      code_bytes=int(m.generated_code_size_in_bytes), compile_seconds=seconds)
+
+
+def compile_train_step(config, cfg: ModelConfig, mesh: Mesh, shapes: Shapes, tx) -> StepMemory:
+    """Lowers and compiles one optimizer update (all micro-batches of a mini-batch) for `mesh`."""
+    t0 = time.perf_counter()
+    param_sh = hf_checkpoint.param_shardings(cfg, mesh)
+    params = abstract_params(cfg, param_sh)
+    opt = _abstract_opt_state(tx, params, mesh)
+    opt_sh = jax.tree.map(lambda x: x.sharding, opt)
+    update = build_update_fn(cfg, tx, mesh, param_sh, opt_sh, shapes.prompt_len,
+                             loss_settings(config))
+    lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+    compiled = update.lower(params, opt, _abstract_minibatch(mesh, shapes), lr).compile()
+    return _memory(compiled, time.perf_counter() - t0)
+
+
+def compile_decode_step(config, cfg: ModelConfig, mesh: Mesh, shapes: Shapes) -> StepMemory:
+    """Lowers and compiles the sampler's generate step (steps_per_sync decode steps, all slots)."""
+    t0 = time.perf_counter()
+    r = config.rollout
+    sampling = SamplingParams(temperature=float(r.temperature), top_p=float(r.top_p),
+                              top_k=int(r.top_k))
+
+    def compile_with_cache(cache_dtype: str):
+        engine = _engine(cfg, mesh, dataclasses.replace(shapes, cache_dtype=cache_dtype), sampling)
+        params = abstract_params(cfg, engine.param_shardings)
+        generate = engine._build_generate(shapes.steps_per_sync, sampling)
+        return generate.lower(params, _abstract_decode_state(engine)).compile()
+
+    compiled = compile_with_cache(shapes.cache_dtype)
+    upcast = 0
+    if shapes.cache_dtype != "float32":
+        # A float32 cache needs no conversion, so its temporaries are the step's own; the excess
+        # of the bf16 compile over them is XLA:CPU's float32 round trip of the cache.
+        plain = compile_with_cache("float32").memory_analysis().temp_size_in_bytes
+        upcast = max(0, int(compiled.memory_analysis().temp_size_in_bytes) - int(plain))
+    mem = _memory(compiled, time.perf_counter() - t0)
+    return dataclasses.replace(mem, cpu_only_bytes=upcast)
+
+
+def _candidate_meshes(mesh: Mesh, cfg: ModelConfig, micro: int) -> dict[str, dict[str, int]]:
+    """Alternative mesh shapes on the same devices: data folded into fsdp, tensor doubled."""
+    d, f, t = (mesh.shape[a] for a in MESH_AXES)
+    out = {}
+    if d > 1:
+        out["fsdp"] = {"data": 1, "fsdp": d * f, "tensor": t}
+    if f % 2 == 0 and t * 2 <= cfg.num_heads and micro % (d * f // 2) == 0:
+        out["tensor"] = {"data": d, "fsdp": f // 2, "tensor": t * 2}
+    return out
+
+
+def measure(config, devices: Sequence[jax.Device] | None = None) -> Measurement:
+    """Compiles both steps for `config` on `devices` (default: all) and computes analytic bytes."""
+    devices = list(devices if devices is not None else jax.devices())
+    cfg = model_config(config)
+    mesh = make_mesh({a: int(config.mesh[a]) for a in MESH_AXES}, devices=devices)
+    micro, num_micro = _validate(config, mesh)
+    prompt = int(config.data.max_prompt_length)
+    shapes = Shapes(preset=config.model.preset or config.model.path, num_params=cfg.num_params,
+                    param_dtype=cfg.param_dtype, dtype=cfg.dtype,
+                    cache_dtype=config.rollout.cache_dtype or cfg.dtype, remat=cfg.remat,
+                    mesh={a: int(mesh.shape[a]) for a in MESH_AXES}, micro_batch_size=micro,
+                    num_micro=num_micro, seq_len=prompt + int(config.data.max_response_length),
+                    prompt_len=prompt, slots=int(config.rollout.max_concurrent_decodes),
+                    steps_per_sync=max(1, int(config.rollout.steps_per_sync)))
+    o = config.optim
+    tx = make_optimizer(weight_decay=float(o.weight_decay), grad_clip=float(o.grad_clip),
+                        b1=float(o.b1), b2=float(o.b2), eps=float(o.eps))
+    train = compile_train_step(config, cfg, mesh, shapes, tx)
+    decode = compile_decode_step(config, cfg, mesh, shapes)
+    alternatives = {}
+    for label, shape in _candidate_meshes(mesh, cfg, micro).items():
+        alt_mesh = make_mesh(shape, devices=devices)
+        alt_shapes = dataclasses.replace(shapes, mesh=shape)
+        alternatives[label] = analytic(cfg, alt_mesh, alt_shapes, tx)
+    return Measurement(shapes=shapes, model=cfg, train=train, decode=decode,
+                       analytic=analytic(cfg, mesh, shapes, tx), alternatives=alternatives)
+
+
+# ------------------------------------------------------------------------------------------------
+# Verdict and suggestions (pure functions of a Measurement and an HBM size).
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def _mesh_str(shape: dict[str, int]) -> str:
+    return " ".join(f"{a}={shape[a]}" for a in MESH_AXES)
+
+
+def _persistent(a: Analytic, phase: str) -> int:
+    """Buffers that live through a phase whatever the compiler does."""
+    common = a.params + a.opt_state + a.sampler_params + a.decode_state
+    return common + (a.grad_accumulator if phase == "train" else 0)
+
+
+def _alt_shape(s: Shapes, label: str) -> dict[str, int]:
+    d, f, t = (s.mesh[a] for a in MESH_AXES)
+    return {"fsdp": {"data": 1, "fsdp": d * f, "tensor": t},
+            "tensor": {"data": d, "fsdp": f // 2, "tensor": t * 2}}[label]
+
+
+def _fewer_slots(phase: str, s: Shapes, per_slot: float, over: int) -> list[Suggestion]:
+    """Fewer decode slots: enough to cover `over` bytes at `per_slot` bytes per slot and device."""
+    even = s.slots % s.batch_shards == 0
+    slots_dev = s.slots // s.batch_shards if even else s.slots
+    if slots_dev <= 1 or per_slot <= 0:
+        return []
+    new_dev = max(1, slots_dev - max(1, math.ceil(over / per_slot)))
+    new_slots = new_dev * (s.batch_shards if even else 1)
+    return [Suggestion(phase, f"--config.rollout.max_concurrent_decodes={new_slots} (now {s.slots})",
+                       int(per_slot * (slots_dev - new_dev)),
+                       "fewer sequences decode at once; rollout takes more decode steps")]
+
+
+def _shared_suggestions(phase: str, m: Measurement) -> list[Suggestion]:
+    """Changes that help both phases: a different mesh, a bfloat16 sampler copy."""
+    s, a = m.shapes, m.analytic
+    out = []
+    rows = s.micro_batch_size // s.batch_shards
+    for label, alt in m.alternatives.items():
+        saved = _persistent(a, phase) - _persistent(alt, phase)
+        if saved <= 0:
+            continue
+        shape = _alt_shape(s, label)
+        note = "weights, optimizer state and KV cache split over more chips"
+        if label == "tensor" and phase == "train":
+            note += (f"; micro-batch rows per device go {rows} -> "
+                     f"{s.micro_batch_size // (shape['data'] * shape['fsdp'])}, so activations grow")
+        out.append(Suggestion(phase, f"mesh {_mesh_str(shape)} (now {_mesh_str(s.mesh)})", saved,
+                              note))
+    if s.param_dtype == "float32" and s.dtype != "float32":
+        out.append(Suggestion(phase, f"keep the sampler's copy of the weights in {s.dtype} "
+                              f"(model.dtype) instead of {s.param_dtype}", a.sampler_params // 2,
+                              "a trainer change: the sampler computes in model.dtype anyway"))
+    return out
+
+
+def _train_suggestions(m: Measurement, hbm: int) -> list[Suggestion]:
+    s, a = m.shapes, m.analytic
+    over = m.train_peak_bytes - hbm
+    out = [Suggestion("train", "free the sampler's weights and decode state before the update",
+                      m.sampler_resident_bytes,
+                      "a trainer change: RolloutDriver keeps both alive between rollouts")]
+    rows = s.micro_batch_size // s.batch_shards
+    if s.remat != "full":
+        full = activation_bytes(m.model, rows, s.seq_len, s.mesh["tensor"], "full")
+        out.append(Suggestion("train", f"--config.model.remat=full (now {s.remat})",
+                              max(0, a.remat_checkpoints - full),
+                              "recomputes each layer in the backward pass (~1/3 more train FLOPs)"))
+    # Everything in the train step's temporaries beyond the gradient sum scales with rows/device.
+    act = max(0, m.train.temp_bytes - a.grad_accumulator)
+    if rows > 1 and act > 0:
+        per_row = act / rows
+        new_rows = max(1, rows - max(1, math.ceil(over / per_row)))
+        mini = s.micro_batch_size * s.num_micro
+        while mini % (new_rows * s.batch_shards):  # micro-batches must split the mini-batch evenly
+            new_rows -= 1
+        out.append(Suggestion("train", f"--config.trainer.micro_batch_size="
+                              f"{new_rows * s.batch_shards} (now {s.micro_batch_size}; "
+                              f"{rows} -> {new_rows} rows per device)",
+                              int(per_row * (rows - new_rows)),
+                              "more micro-batches per update, same mini-batch and same gradient"))
+    slots_dev = s.slots // s.batch_shards if s.slots % s.batch_shards == 0 else s.slots
+    out += _fewer_slots("train", s, a.decode_state / slots_dev, over)
+    out += _shared_suggestions("train", m)
+    if s.param_dtype == "float32":
+        out.append(Suggestion("train", "--config.model.param_dtype=bfloat16",
+                              (a.params + a.opt_state + a.sampler_params) // 2,
+                              "last resort: with lr ~1e-6 most AdamW updates fall below bfloat16's "
+                              "resolution and are lost; prefer the options above"))
+    return out
+
+
+def _rollout_suggestions(m: Measurement, hbm: int) -> list[Suggestion]:
+    s, a = m.shapes, m.analytic
+    over = m.rollout_peak_bytes - hbm
+    slots_dev = s.slots // s.batch_shards if s.slots % s.batch_shards == 0 else s.slots
+    # The decode state and nearly all decode temporaries (logits, sampling) scale with slots.
+    out = _fewer_slots("rollout", s, max(0, m.decode.total_bytes - a.sampler_params) / slots_dev,
+                       over)
+    if s.cache_dtype == "float32":
+        out.append(Suggestion("rollout", "--config.rollout.cache_dtype=bfloat16", a.kv_cache // 2))
+    return out + _shared_suggestions("rollout", m)
+
+
+def _merge(suggestions: list[Suggestion]) -> list[Suggestion]:
+    """One entry per action; an action that helps both phases keeps the smaller saving."""
+    merged: dict[str, Suggestion] = {}
+    for x in suggestions:
+        y = merged.get(x.action)
+        if y is None:
+            merged[x.action] = x
+        else:
+            merged[x.action] = dataclasses.replace(y, phase="train+rollout",
+                                                   saves_bytes=min(x.saves_bytes, y.saves_bytes))
+    return list(merged.values())
+
+
+def assess(measurement: Measurement, topology: Topology) -> PlanResult:
+    """The verdict for `measurement` on `topology` (no compilation), with suggestions if needed."""
+    hbm = topology.hbm_bytes
+    m = measurement
+    if topology.chips != math.prod(m.shapes.mesh.values()):
+        raise ValueError(f"the measurement was made on {math.prod(m.shapes.mesh.values())} devices "
+                         f"but topology {topology.name} has {topology.chips} chips")
+    headroom = (hbm - m.peak_bytes) / hbm
+    verdict = "FITS" if m.peak_bytes <= hbm else "DOES NOT FIT"
+    suggestions: list[Suggestion] = []
+    if m.train_peak_bytes > hbm:
+        suggestions += _train_suggestions(m, hbm)
+    if m.rollout_peak_bytes > hbm:
+        suggestions += _rollout_suggestions(m, hbm)
+    # Drop changes too small to matter (e.g. a mesh change that only splits the norms further).
+    floor = max(2 ** 20, int(0.01 * max(0, m.peak_bytes - hbm)))
+    suggestions = [x for x in _merge(suggestions) if x.saves_bytes >= floor]
+    suggestions.sort(key=lambda x: (not x.phase.startswith("train"), -x.saves_bytes))
+    return PlanResult(measurement=m, topology=topology, verdict=verdict, headroom=headroom,
+                      suggestions=tuple(suggestions))
+
+
+def _topology(topology: Topology | str | None, devices: int | None, hbm_gib: float | None
+              ) -> Topology:
+    if topology is not None and (devices is not None or hbm_gib is not None):
+        raise ValueError("give either a topology name or devices + hbm_gib, not both")
+    if topology is not None:
+        return parse_topology(topology) if isinstance(topology, str) else topology
+    if devices is None or hbm_gib is None:
+        raise ValueError("give a topology (e.g. --topology v5p-128) or both --devices and --hbm_gib")
+    return custom_topology(devices, hbm_gib)
+
+
+def plan(config, topology: Topology | str | None = None, *, devices: int | None = None,
+         hbm_gib: float | None = None) -> PlanResult:
+    """Compiles `config`'s train and decode steps for the topology's chips and judges the fit.
+
+    Uses the first `chips` JAX devices already present (fake CPU devices; the CLI creates them).
+    """
+    topo = _topology(topology, devices, hbm_gib)
+    available = jax.devices()
+    if len(available) < topo.chips:
+        raise ValueError(
+            f"{topo.name} needs {topo.chips} devices but JAX has {len(available)}: run "
+            f"`python -m dapo_jax.plan` (it sets them up), or set JAX_PLATFORMS=cpu and "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={topo.chips} before importing jax")
+    return assess(measure(config, available[:topo.chips]), topo)
+
+
+# ------------------------------------------------------------------------------------------------
+# Report.
+
+
+def format_report(result: PlanResult) -> str:
+    """A human-readable per-device memory table, verdict and suggestions."""
+    m, t = result.measurement, result.topology
+    s, a = m.shapes, m.analytic
+    rows = s.micro_batch_size // s.batch_shards
+    g = lambda n: f"{n / GIB:9.2f}"  # noqa: E731
+    lines = [
+        f"Memory plan: {s.preset} ({s.num_params / 1e9:.2f}B params) on {t.name}: {t.chips} "
+        f"devices x {t.hbm_gib:.1f} GiB HBM, {t.hosts} host(s)",
+        f"mesh {_mesh_str(s.mesh)}; train micro-batch {s.micro_batch_size} x {s.seq_len} tokens "
+        f"({rows} rows/device), {s.num_micro} micro-batches per update, remat={s.remat}, "
+        f"params {s.param_dtype}, compute {s.dtype}",
+        f"decode {s.slots} slots x {s.seq_len} tokens, cache {s.cache_dtype}, "
+        f"{s.steps_per_sync} steps per call",
+        f"compile time: train step {m.train.compile_seconds:.1f} s, decode step "
+        f"{m.decode.compile_seconds:.1f} s (lower + compile on XLA:CPU)",
+        "",
+        f"{'per device, GiB':<52}{'XLA':>9}{'analytic':>10}",
+        "train step",
+        f"{'  params (train layout, ' + s.param_dtype + ')':<52}{'':>9}{g(a.params):>10}",
+        f"{'  optimizer state (AdamW moments)':<52}{'':>9}{g(a.opt_state):>10}",
+        f"{'  mini-batch inputs':<52}{'':>9}{g(a.minibatch):>10}",
+        f"{'  = arguments':<52}{g(m.train.argument_bytes)}"
+        f"{g(a.params + a.opt_state + a.minibatch):>10}",
+        f"{'  gradients + activations + temporaries':<52}{g(m.train.temp_bytes)}",
+        f"{'    of which gradient accumulator (float32)':<52}{'':>9}{g(a.grad_accumulator):>10}",
+        f"{'    of which remat checkpoints (' + s.remat + ')':<52}{'':>9}"
+        f"{g(a.remat_checkpoints):>10}",
+        f"{'    one layer of attention scores (float32)':<52}{'':>9}{g(a.attention_scores):>10}",
+        f"{'  outputs not aliased to donated inputs':<52}"
+        f"{g(m.train.output_bytes - m.train.alias_bytes)}",
+        f"{'  = update step':<52}{g(m.train.total_bytes)}",
+        f"{'  sampler params + decode state (resident)':<52}{'':>9}"
+        f"{g(m.sampler_resident_bytes):>10}",
+        f"{'  total':<52}{g(m.train_peak_bytes)}",
+        "rollout (decode step)",
+        f"{'  train params + optimizer state (resident)':<52}{'':>9}"
+        f"{g(a.params + a.opt_state):>10}",
+        f"{'  sampler params (sampling layout, ' + s.param_dtype + ')':<52}{'':>9}"
+        f"{g(a.sampler_params):>10}",
+        f"{'  KV cache (' + s.cache_dtype + ')':<52}{'':>9}{g(a.kv_cache):>10}",
+        f"{'  = decode arguments (sampler params + decode state)':<52}"
+        f"{g(m.decode.argument_bytes)}{g(a.sampler_params + a.decode_state):>10}",
+        f"{'  decode temporaries (XLA:CPU)':<52}{g(m.decode.temp_bytes)}",
+        f"{'    minus float32 copies of the KV cache (CPU only)':<52}"
+        f"{g(-m.decode.cpu_only_bytes)}",
+        f"{'  outputs not aliased to donated inputs':<52}"
+        f"{g(m.decode.output_bytes - m.decode.alias_bytes)}",
+        f"{'  total (with resident train state)':<52}{g(m.rollout_peak_bytes)}",
+        "",
+        f"peak {_gib(result.peak_bytes)} per device "
+        f"({'train' if m.train_peak_bytes >= m.rollout_peak_bytes else 'rollout'} phase) of "
+        f"{t.hbm_gib:.1f} GiB HBM -> {result.verdict} (headroom {100 * result.headroom:.1f}%)",
+    ]
+    if a.attention_scores > 0.1 * t.hbm_bytes:
+        lines.append(f"note: attention scores are materialised (no fused attention kernel): one "
+                     f"layer's [rows, heads, T, T] float32 scores take {_gib(a.attention_scores)} "
+                     f"per device at {rows} row(s) of {s.seq_len} tokens")
+    if result.fits and result.headroom < TIGHT_HEADROOM:
+        lines.append(f"warning: less than {100 * TIGHT_HEADROOM:.0f}% headroom; the TPU/GPU "
+                     "compiler's temporaries can differ from XLA:CPU's")
+    hbm = t.hbm_bytes
+    for phase, peak in (("train", m.train_peak_bytes), ("rollout", m.rollout_peak_bytes)):
+        if peak > hbm:
+            lines.append(f"{phase} phase is {_gib(peak - hbm)} over budget")
+    if result.suggestions:
+        lines.append("suggestions (estimated per-device saving; savings do not simply add up):")
+        for x in result.suggestions:
+            note = f"  [{x.note}]" if x.note else ""
+            lines.append(f"  {x.phase:<8}{x.action}: -{_gib(x.saves_bytes)}{note}")
+    elif not result.fits:
+        lines.append("no configuration knob lowers memory enough; use a larger topology")
+    lines += ["", "note: arguments follow exactly from shapes and shardings; temporaries are "
+              "XLA:CPU's buffer assignment and TPU/GPU numbers differ somewhat (the float32 KV "
+              "cache copies XLA:CPU makes for bf16 scatters are left out of the totals). The "
+              "rollout phase keeps the train state on device, and the train phase keeps the sampler's "
+              "weights and decode state (RolloutDriver holds them between rollouts)."]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI.
+
+
+def _ensure_fake_devices(count: int) -> None:
+    """Re-executes this module with `count` fake CPU devices unless the environment has them.
+
+    XLA reads the device count once, when the backend starts, so it has to be in the environment
+    of a fresh process.
+    """
+    flag = f"--xla_force_host_platform_device_count={count}"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if os.environ.get("JAX_PLATFORMS") == "cpu" and flag in flags.split():
+        return
+    if os.environ.get("_DAPO_PLAN_REEXEC") == "1":
+        raise RuntimeError(f"could not set up {count} fake CPU devices (XLA_FLAGS={flags!r})")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"{flags} {flag}".strip(),
+               _DAPO_PLAN_REEXEC="1")
+    os.execve(sys.executable, [sys.executable, "-m", "dapo_jax.plan", *sys.argv[1:]], env)
+
+
+def main(argv: Sequence[str]) -> None:
+    """CLI entry point (absl): plans `--config` on `--topology` or `--devices` + `--hbm_gib`."""
+    from absl import flags
+    f = flags.FLAGS
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments {argv[1:]}; flags look like --topology=v5p-128")
+    if f.config is None:
+        raise ValueError("--config is required, e.g. --config configs/dapo_qwen2_5_32b.py")
+    _ensure_fake_devices(_topology(f.topology or None, f.devices, f.hbm_gib).chips)
+    result = plan(f.config, f.topology or None, devices=f.devices, hbm_gib=f.hbm_gib)
+    print(format_report(result))
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "experiment config file (path[:arg])",
+                                    lock_config=True)
+    flags.DEFINE_string("topology", None, "accelerator, e.g. v5p-128, v5litepod-16, h100-80gb-x8")
+    flags.DEFINE_integer("devices", None, "device count (with --hbm_gib) instead of --topology")
+    flags.DEFINE_float("hbm_gib", None, "HBM per device in GiB (with --devices)")
+
+
+if __name__ == "__main__":
+    from absl import app
+    _define_flags()
+    app.run(main)

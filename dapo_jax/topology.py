@@ -1,0 +1,105 @@
+"""Accelerator topologies by name (TPU slices, GPU hosts): chips, HBM per chip, cores, hosts.
+
+TPU names follow Cloud TPU accelerator types: v4-N and v5p-N count TensorCores (2 per chip, one JAX
+device per chip in megacore mode), v5e / v5litepod-N and v6e-N count chips. GPU names are
+`<model>-xN` with N GPUs, 8 per host. HBM is the per-chip capacity the vendor documents; the
+runtime reserves a little of it, so plan with some headroom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+GIB = 1024 ** 3
+GB = 1000 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One accelerator generation: HBM per chip, cores per chip, and how names count devices."""
+
+    kind: str  # "tpu" or "gpu"
+    hbm_bytes: int
+    cores_per_chip: int
+    chips_per_host: int
+    name_counts: str  # "cores" (v4-N, v5p-N), "chips" (v5e-N, v6e-N) or "gpus" (h100-80gb-xN)
+    single_host_max: int = 0  # chips a single host carries when the slice is that small
+
+
+# Cloud TPU system-architecture pages (HBM per chip, TensorCores per chip, chips per host VM) and
+# NVIDIA data sheets. v5e / v6e hosts carry 8 chips in single-host slices, 4 per host beyond that.
+GENERATIONS: dict[str, Generation] = {
+    "v4": Generation("tpu", 32 * GIB, 2, 4, "cores"),
+    "v5e": Generation("tpu", 16 * GIB, 1, 4, "chips", single_host_max=8),
+    "v5p": Generation("tpu", 95 * GIB, 2, 4, "cores"),
+    "v6e": Generation("tpu", 32 * GIB, 1, 4, "chips", single_host_max=8),
+    "h100-80gb": Generation("gpu", 80 * GIB, 1, 8, "gpus"),
+    "h200": Generation("gpu", 141 * GB, 1, 8, "gpus"),
+    "a100-80gb": Generation("gpu", 80 * GIB, 1, 8, "gpus"),
+}
+ALIASES = {"v5litepod": "v5e"}
+KNOWN_FORMS = ("v4-N (N TensorCores, 2 per chip)", "v5e-N / v5litepod-N (N chips)",
+               "v5p-N (N TensorCores, 2 per chip)", "v6e-N (N chips)", "h100-80gb-xN",
+               "h200-xN", "a100-80gb-xN")
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A slice or host group: `chips` JAX devices with `hbm_bytes` each."""
+
+    name: str
+    kind: str
+    chips: int
+    hbm_bytes: int
+    cores_per_chip: int
+    hosts: int
+
+    @property
+    def hbm_gib(self) -> float:
+        """HBM per chip in GiB."""
+        return self.hbm_bytes / GIB
+
+    @property
+    def total_hbm_bytes(self) -> int:
+        """HBM summed over all chips."""
+        return self.hbm_bytes * self.chips
+
+
+def _error(name: str, why: str) -> ValueError:
+    return ValueError(f"Unknown topology {name!r}: {why}. Known forms: {', '.join(KNOWN_FORMS)}; "
+                      "or give --devices N with --hbm_gib X for anything else")
+
+
+def parse_topology(name: str) -> Topology:
+    """The Topology for a name like 'v5p-128', 'v5litepod-16', 'v6e-8' or 'h100-80gb-x8'."""
+    key = name.strip().lower()
+    m = re.fullmatch(r"(v4|v5e|v5litepod|v5p|v6e)-(\d+)", key) or \
+        re.fullmatch(r"(h100-80gb|h200|a100-80gb)-x(\d+)", key)
+    if not m:
+        raise _error(name, "the name does not match any known form")
+    gen_name, count = ALIASES.get(m.group(1), m.group(1)), int(m.group(2))
+    gen = GENERATIONS[gen_name]
+    if count <= 0:
+        raise _error(name, "the count must be positive")
+    if gen.name_counts == "cores":
+        if count % gen.cores_per_chip:
+            raise _error(name, f"{gen_name} names count TensorCores ({gen.cores_per_chip} per chip), "
+                               f"so N must be a multiple of {gen.cores_per_chip}")
+        chips = count // gen.cores_per_chip
+    else:
+        chips = count
+    per_host = gen.single_host_max if chips <= gen.single_host_max else gen.chips_per_host
+    hosts = -(-chips // per_host)
+    return Topology(name=key, kind=gen.kind, chips=chips, hbm_bytes=gen.hbm_bytes,
+                    cores_per_chip=gen.cores_per_chip, hosts=hosts)
+
+
+def custom_topology(devices: int, hbm_gib: float) -> Topology:
+    """A topology of `devices` accelerators with `hbm_gib` GiB each (one host assumed)."""
+    if devices <= 0:
+        raise ValueError(f"--devices must be a positive device count, got {devices}")
+    if hbm_gib <= 0:
+        raise ValueError(f"--hbm_gib must be the positive HBM per device in GiB, got {hbm_gib}")
+    return Topology(name=f"{devices}x{hbm_gib:g}GiB", kind="custom", chips=int(devices),
+                    hbm_bytes=int(hbm_gib * GIB), cores_per_chip=1, hosts=1)
