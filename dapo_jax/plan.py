@@ -10,10 +10,9 @@ per-device program gives the numbers. Argument buffers follow exactly from shape
 somewhat from what XLA:TPU / XLA:GPU would pick.
 
 What stays on device between steps follows dapo_jax/trainer.py: the train params and optimizer
-state live for the whole run, and the RolloutDriver keeps the sampler's copy of the weights
-(sampling layout) and its decode state (KV cache) between rollouts. So the rollout phase is the
-decode step plus the train state, and the train phase is the update step plus the sampler's
-buffers.
+state live for the whole run; the sampler's copy of the weights (sampling layout, model.dtype) and its
+decode state (KV cache) exist only during rollouts (the trainer releases them before the update). So
+the rollout phase is the decode step plus the train state, and the train phase is the update step.
 """
 
 from __future__ import annotations
@@ -120,12 +119,12 @@ class Measurement:
 
     @property
     def sampler_resident_bytes(self) -> int:
-        """The sampler's weights and decode state, which the RolloutDriver keeps between rollouts."""
-        return self.analytic.sampler_params + self.analytic.decode_state
+        """Sampler buffers alive during the update: none (the trainer releases them first)."""
+        return 0
 
     @property
     def train_peak_bytes(self) -> int:
-        """Per-device bytes during the update step, next to the resident sampler."""
+        """Per-device bytes during the update step."""
         return self.train.total_bytes + self.sampler_resident_bytes
 
     @property
@@ -237,9 +236,9 @@ def tree_shard_bytes(tree: Any) -> int:
     return sum(shard_bytes(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(tree))
 
 
-def abstract_params(cfg: ModelConfig, shardings: Any) -> Any:
-    """ShapeDtypeStructs of the parameters in `param_dtype`, with the given shardings."""
-    dt = jnp_dtype(cfg.param_dtype)
+def abstract_params(cfg: ModelConfig, shardings: Any, dtype: str | None = None) -> Any:
+    """ShapeDtypeStructs of the parameters in `dtype` (default param_dtype), with the shardings."""
+    dt = jnp_dtype(dtype or cfg.param_dtype)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, dt, sharding=sh), param_shapes(cfg),
                         shardings, is_leaf=lambda x: isinstance(x, tuple))
 
@@ -302,7 +301,7 @@ def analytic(cfg: ModelConfig, mesh: Mesh, shapes: Shapes, tx) -> Analytic:
     opt = _abstract_opt_state(tx, params, mesh)
     grads = sum(shard_bytes(p.shape, jnp.float32, p.sharding) for p in jax.tree.leaves(params))
     engine = _engine(cfg, mesh, shapes)
-    sampler = abstract_params(cfg, engine.param_shardings)
+    sampler = abstract_params(cfg, engine.param_shardings, cfg.dtype)  # Engine.load_params casts
     state = _abstract_decode_state(engine)
     rows = shapes.micro_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
     tensor = mesh.shape["tensor"]
@@ -392,7 +391,7 @@ def compile_decode_step(config, cfg: ModelConfig, mesh: Mesh, shapes: Shapes) ->
 
     def compile_with_cache(cache_dtype: str):
         engine = _engine(cfg, mesh, dataclasses.replace(shapes, cache_dtype=cache_dtype), sampling)
-        params = abstract_params(cfg, engine.param_shardings)
+        params = abstract_params(cfg, engine.param_shardings, cfg.dtype)
         generate = engine._build_generate(shapes.steps_per_sync, sampling)
         return generate.lower(params, _abstract_decode_state(engine)).compile()
 
@@ -460,8 +459,9 @@ def _mesh_str(shape: dict[str, int]) -> str:
 
 def _persistent(a: Analytic, phase: str) -> int:
     """Buffers that live through a phase whatever the compiler does."""
-    common = a.params + a.opt_state + a.sampler_params + a.decode_state
-    return common + (a.grad_accumulator if phase == "train" else 0)
+    if phase == "train":  # the trainer releases the sampler's buffers before the update
+        return a.params + a.opt_state + a.grad_accumulator
+    return a.params + a.opt_state + a.sampler_params + a.decode_state
 
 
 def _alt_shape(s: Shapes, label: str) -> dict[str, int]:
@@ -499,19 +499,13 @@ def _shared_suggestions(phase: str, m: Measurement) -> list[Suggestion]:
                      f"{s.micro_batch_size // (shape['data'] * shape['fsdp'])}, so activations grow")
         out.append(Suggestion(phase, f"mesh {_mesh_str(shape)} (now {_mesh_str(s.mesh)})", saved,
                               note))
-    if s.param_dtype == "float32" and s.dtype != "float32":
-        out.append(Suggestion(phase, f"keep the sampler's copy of the weights in {s.dtype} "
-                              f"(model.dtype) instead of {s.param_dtype}", a.sampler_params // 2,
-                              "a trainer change: the sampler computes in model.dtype anyway"))
     return out
 
 
 def _train_suggestions(m: Measurement, hbm: int) -> list[Suggestion]:
     s, a = m.shapes, m.analytic
     over = m.train_peak_bytes - hbm
-    out = [Suggestion("train", "free the sampler's weights and decode state before the update",
-                      m.sampler_resident_bytes,
-                      "a trainer change: RolloutDriver keeps both alive between rollouts")]
+    out: list[Suggestion] = []
     rows = s.micro_batch_size // s.batch_shards
     if s.remat != "full":
         full = activation_bytes(m.model, rows, s.seq_len, s.mesh["tensor"], "full")
@@ -531,12 +525,10 @@ def _train_suggestions(m: Measurement, hbm: int) -> list[Suggestion]:
                               f"{rows} -> {new_rows} rows per device)",
                               int(per_row * (rows - new_rows)),
                               "more micro-batches per update, same mini-batch and same gradient"))
-    slots_dev = s.slots // s.batch_shards if s.slots % s.batch_shards == 0 else s.slots
-    out += _fewer_slots("train", s, a.decode_state / slots_dev, over)
     out += _shared_suggestions("train", m)
     if s.param_dtype == "float32":
         out.append(Suggestion("train", "--config.model.param_dtype=bfloat16",
-                              (a.params + a.opt_state + a.sampler_params) // 2,
+                              (a.params + a.opt_state) // 2,
                               "last resort: with lr ~1e-6 most AdamW updates fall below bfloat16's "
                               "resolution and are lost; prefer the options above"))
     return out
@@ -652,13 +644,11 @@ def format_report(result: PlanResult) -> str:
         f"{'  outputs not aliased to donated inputs':<52}"
         f"{g(m.train.output_bytes - m.train.alias_bytes)}",
         f"{'  = update step':<52}{g(m.train.total_bytes)}",
-        f"{'  sampler params + decode state (resident)':<52}{'':>9}"
-        f"{g(m.sampler_resident_bytes):>10}",
         f"{'  total':<52}{g(m.train_peak_bytes)}",
         "rollout (decode step)",
         f"{'  train params + optimizer state (resident)':<52}{'':>9}"
         f"{g(a.params + a.opt_state):>10}",
-        f"{'  sampler params (sampling layout, ' + s.param_dtype + ')':<52}{'':>9}"
+        f"{'  sampler params (sampling layout, ' + s.dtype + ')':<52}{'':>9}"
         f"{g(a.sampler_params):>10}",
         f"{'  KV cache (' + s.cache_dtype + ')':<52}{'':>9}{g(a.kv_cache):>10}",
         f"{'  = decode arguments (sampler params + decode state)':<52}"
@@ -695,8 +685,8 @@ def format_report(result: PlanResult) -> str:
     lines += ["", "note: arguments follow exactly from shapes and shardings; temporaries are "
               "XLA:CPU's buffer assignment and TPU/GPU numbers differ somewhat (the float32 KV "
               "cache copies XLA:CPU makes for bf16 scatters are left out of the totals). The "
-              "rollout phase keeps the train state on device, and the train phase keeps the sampler's "
-              "weights and decode state (RolloutDriver holds them between rollouts)."]
+              "rollout phase keeps the train state on device; the trainer frees the sampler's weights "
+              "and KV cache before the update, so the train phase is the update step alone."]
     return "\n".join(lines)
 
 

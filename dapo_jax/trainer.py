@@ -372,6 +372,9 @@ class Trainer:
                 self.accumulator.add(batch, np.tile(np.arange(G, dtype=np.float32), (metric.shape[0], 1)),
                                      acc=batch["acc"].reshape(-1, G))
         batch, ds_metrics = self.accumulator.emit()
+        # The sampler's weights and KV cache are not needed until the next rollout: free them so
+        # the update has the memory (dapo_jax.plan budgets the phases this way).
+        self.driver.release()
 
         t0 = time.perf_counter()
         old_lp, _ = self._old_logprobs(batch)

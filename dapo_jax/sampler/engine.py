@@ -96,6 +96,7 @@ class Engine:
         self.param_shardings = hf_checkpoint.param_shardings(model_config, self.mesh, self.rules)
         self.state_shardings = self._state_shardings()
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._cast = None
         self._prefill = {}
         self._insert = {}
         self._generate = {}
@@ -129,10 +130,20 @@ class Engine:
 
     # -- JetStream methods ---------------------------------------------------------------------
     def load_params(self, params: Params | Any) -> Params:
-        """Places parameters (a dict or an NNX model, any layout) in the sampling layout."""
+        """Places parameters (a dict or an NNX model, any layout) in the sampling layout.
+
+        Floating weights are stored in the compute dtype (`model_config.dtype`): decoding casts to it
+        anyway, so float32 training weights cost half the memory in the sampler under bf16 compute.
+        """
         if hasattr(params, "params") and callable(params.params):
             params = params.params()
-        return jax.device_put(params, self.param_shardings)
+        dt = jnp_dtype(self.config.dtype)
+        if self._cast is None:
+            self._cast = jax.jit(
+                lambda p: jax.tree.map(
+                    lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, p),
+                out_shardings=self.param_shardings)
+        return self._cast(params)
 
     def init_decode_state(self) -> DecodeState:
         """An empty decode state: preallocated KV cache, every slot free."""

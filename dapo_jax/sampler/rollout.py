@@ -70,7 +70,13 @@ class RolloutDriver:
 
     def update_params(self, params: Any) -> None:
         """Swaps in new weights (any layout) between RL steps; shapes are unchanged: no recompile."""
+        self.params = None  # drop the old copy before making the new one
         self.params = self.engine.load_params(params)
+
+    def release(self) -> None:
+        """Frees the sampler's weights and KV cache (e.g. during the optimizer update)."""
+        self.params = None
+        self._state = None
 
     def generate(self, requests: Sequence[RolloutRequest], *, seed: int = 0,
                  sampling: SamplingParams | None = None, desc: str = "rollout") -> RolloutResult:
