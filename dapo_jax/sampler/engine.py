@@ -139,11 +139,13 @@ class Engine:
             params = params.params()
         dt = jnp_dtype(self.config.dtype)
         if self._cast is None:
-            self._cast = jax.jit(
-                lambda p: jax.tree.map(
-                    lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, p),
-                out_shardings=self.param_shardings)
-        return self._cast(params)
+            # Cast where the weights are (output keeps the input's layout), then reshard.
+            self._cast = jax.jit(lambda p: jax.tree.map(
+                lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, p))
+        if any(x.dtype != dt for x in jax.tree.leaves(params)
+               if jnp.issubdtype(x.dtype, jnp.floating)):
+            params = self._cast(params)
+        return jax.device_put(params, self.param_shardings)
 
     def init_decode_state(self) -> DecodeState:
         """An empty decode state: preallocated KV cache, every slot free."""
