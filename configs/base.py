@@ -54,7 +54,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.toy = ml_collections.ConfigDict()
     c.data.toy.num_train = 4000
     c.data.toy.num_heldout = 200
+    c.data.toy.min_operands = 2
     c.data.toy.max_operands = 2
+    c.data.toy.min_digits = 1
     c.data.toy.max_digits = 2
     c.data.toy.operators = "+-"
 

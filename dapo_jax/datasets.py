@@ -36,8 +36,9 @@ def toy_config(c: ml_collections.ConfigDict) -> dp.ToyArithmeticConfig:
     """The toy arithmetic generator settings from config.data.toy."""
     t = c.data.toy
     return dp.ToyArithmeticConfig(seed=c.seed, num_train=t.num_train, num_heldout=t.num_heldout,
-                                  max_operands=t.max_operands, max_digits=t.max_digits,
-                                  operators=tuple(t.operators), template=c.data.template)
+                                  min_operands=t.min_operands, max_operands=t.max_operands,
+                                  min_digits=t.min_digits, max_digits=t.max_digits,
+                                  operators=str(t.operators), template=c.data.template)
 
 
 def dataset_name(spec: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 
 log = logging.getLogger(__name__)
 
@@ -33,3 +34,39 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                  jax.process_count())
         return True
     return False
+
+
+def check_shared_directory(path: str | os.PathLike) -> None:
+    """Raises unless every process sees the files process 0 writes in `path` (multi-process only).
+
+    Checkpoints are written by every process into one directory and restored by every process on
+    restart, and the warm-start cache and toy tokenizer are read back by all: a per-host local
+    directory would save shards nobody can restore, or let processes disagree about whether a
+    checkpoint exists and deadlock.
+    """
+    import jax
+    import numpy as np
+    from etils import epath
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return
+    name = f".shared_check_{uuid.uuid4().hex}" if jax.process_index() == 0 else ""
+    # Every process must use process 0's file name: broadcast it as bytes.
+    raw = np.frombuffer(name.encode().ljust(64, b"\0"), np.uint8)
+    name = bytes(multihost_utils.broadcast_one_to_all(raw)).rstrip(b"\0").decode()
+    probe = epath.Path(path) / name
+    if jax.process_index() == 0:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("visible")
+    multihost_utils.sync_global_devices("dapo_jax shared directory check: written")
+    seen = multihost_utils.process_allgather(np.asarray(probe.exists(), np.int32))
+    multihost_utils.sync_global_devices("dapo_jax shared directory check: read")
+    if jax.process_index() == 0:
+        probe.unlink()
+    blind = [i for i, ok in enumerate(np.asarray(seen).reshape(-1)) if not ok]
+    if blind:
+        raise ValueError(f"--workdir {path} is not shared: process(es) {blind} cannot see a file "
+                         "process 0 wrote there. Multi-process runs need a directory every host "
+                         "sees (gs://bucket/path or a shared file system), because all processes "
+                         "write one checkpoint there and read it back on restart.")

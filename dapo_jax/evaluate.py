@@ -162,19 +162,20 @@ def run(config, *, checkpoint: str | None, step: int | None, responses: str | No
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     flags_ = flags.FlagValues()
+    argv = list(argv if argv is not None else sys.argv)
     config_flags.DEFINE_config_file("config", "configs/eval_aime.py", "Eval config file.",
-                                    flag_values=flags_, lock_config=True)
+                                    flag_values=flags_, lock_config=True, sys_argv=argv)
     flags.DEFINE_string("checkpoint", None, "HF directory or training workdir.", flag_values=flags_)
     flags.DEFINE_integer("step", None, "Step of a training workdir (default: latest).",
                          flag_values=flags_)
     flags.DEFINE_string("responses", None, "Score this JSONL of {id, response} instead of "
                         "generating.", flag_values=flags_)
     flags.DEFINE_string("out", "eval_out", "Output folder for the reports.", flag_values=flags_)
-    flags_(list(argv if argv is not None else sys.argv))
+    flags_(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     results = run(flags_.config, checkpoint=flags_.checkpoint, step=flags_.step,
                   responses=flags_.responses, out=flags_.out)

@@ -25,6 +25,8 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> None:
     del argv
+    import jax
+
     from dapo_jax import distributed
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from dapo_jax.trainer import PREEMPTED_EXIT_CODE, Preempted, Trainer
@@ -32,11 +34,15 @@ def main(argv) -> None:
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (checkpoints, metrics and logs go there)")
     logging.getLogger().setLevel(logging.INFO)
-    trainer = Trainer(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+    distributed.check_shared_directory(FLAGS.workdir)
+    is_main = jax.process_index() == 0
+    # One progress bar per job, not per host (process 0 also prints the step lines).
+    trainer = Trainer(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress if is_main else False)
     try:
         trainer.train()
     except Preempted as e:
-        print(str(e), flush=True)
+        if is_main:
+            print(str(e), flush=True)
         trainer.close()
         sys.exit(PREEMPTED_EXIT_CODE)
     trainer.close()

@@ -157,6 +157,9 @@ def build_update_fn(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
 
 
 def init_opt_state(tx: optax.GradientTransformation, params: Params) -> tuple[Any, Any]:
-    """Optimizer state created next to the params (moments inherit the params' shardings)."""
-    state = jax.jit(tx.init)(params)
-    return state, jax.tree.map(lambda x: x.sharding, state)
+    """Optimizer state created next to the params (moments in the params' shardings, scalars replicated)."""
+    # Explicit: jit places outputs that don't depend on input data (all of tx.init) on device 0 only.
+    replicated = NamedSharding(jax.tree.leaves(params)[0].sharding.mesh, PartitionSpec())
+    shardings = optax.tree_map_params(tx, lambda _, p: p.sharding, jax.eval_shape(tx.init, params),
+                                      params, transform_non_params=lambda _: replicated)
+    return jax.jit(tx.init, out_shardings=shardings)(params), shardings

@@ -406,18 +406,19 @@ class Trainer:
             "critic/advantages/mean": float(adv.mean()),
             "critic/advantages/max": float(adv.max()),
             "critic/advantages/min": float(adv.min()),
-            "train/acc_before_filter": float(raw.mean()) if raw.size else 0.0,
+
             "response_length/mean": float(lengths.mean()),
             "response_length/max": float(lengths.max()),
             "response_length/min": float(lengths.min()),
             "response_length/clip_ratio": float(truncated.mean()),
-            "response_length/gen_mean": float(np.concatenate(gen_lengths).mean()) if gen_lengths else 0.0,
             "train/overlong_filtered": float(truncated.sum()) if c.algo.overlong_filter else 0.0,
             "data/truncated_prompts": float(truncated_prompts),
             "data/epoch": float(self.data_iter.epoch),
             "actor/lr": float(self.lr(self.step - 1)),
             "train/num_samples": float(n),
         }
+        if raw.size:  # absent when carried-over groups filled the batch without generating
+            m["train/acc_before_filter"] = float(raw.mean())
         m.update({k: float(v) for k, v in ds_metrics.items()})
         m.update(update_metrics)
         m.update({f"timing_s/{k}": v for k, v in timing.items()})
@@ -557,8 +558,9 @@ class _NoTemplate:
 
 
 def _format_step(step: int, total: int, m: dict[str, float]) -> str:
+    acc = m.get("train/acc_before_filter")
     return (f"step {step}/{total} | score {m['critic/score/mean']:+.3f} | acc(before filter) "
-            f"{m['train/acc_before_filter']:.3f} | len {m['response_length/mean']:.1f} | "
+            f"{'  n/a' if acc is None else f'{acc:.3f}'} | len {m['response_length/mean']:.1f} | "
             f"entropy {m.get('actor/entropy', 0):.3f} | clipfrac {m.get('actor/pg_clipfrac', 0):.4f} | "
             f"kl {m.get('actor/ppo_kl', 0):+.5f} | grad {m.get('actor/grad_norm', 0):.3f} | "
             f"gen batches {m.get('train/num_gen_batches', 0):.0f} | {m['timing_s/step']:.1f}s")

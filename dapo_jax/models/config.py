@@ -108,6 +108,10 @@ PRESETS = {
     "tiny": lambda: ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                                 num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
                                 tie_word_embeddings=True, max_position_embeddings=2048),
+    # The CPU demo's policy (configs/toy.py): big enough to learn multi-step toy arithmetic.
+    "toy": lambda: ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4,
+                               num_heads=4, num_kv_heads=2, head_dim=32, rope_theta=10000.0,
+                               tie_word_embeddings=True, max_position_embeddings=2048),
     "tiny-untied": lambda: ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=96,
                                        num_layers=3, num_heads=8, num_kv_heads=8, head_dim=8,
                                        rope_theta=10000.0, tie_word_embeddings=False,
