@@ -34,7 +34,8 @@ def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None
            "dynamic sampling needs groups of >= 2 samples; raise rollout.n or disable "
            "algo.dynamic_sampling.enable", p)
     _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]", p)
-    _check(r.temperature >= 0, "rollout.temperature", "must be >= 0", p)
+    _check(r.temperature > 0, "rollout.temperature",
+           "must be > 0: RL needs sampled rollouts (the policy is softmax(logits / temperature))", p)
     _check(r.max_concurrent_decodes >= 1, "rollout.max_concurrent_decodes", "must be >= 1", p)
     _check(0 < r.max_new_tokens <= d.max_response_length, "rollout.max_new_tokens",
            f"must be in [1, data.max_response_length={d.max_response_length}]", p)

@@ -60,13 +60,28 @@ def check_shared_directory(path: str | os.PathLike) -> None:
         probe.parent.mkdir(parents=True, exist_ok=True)
         probe.write_text("visible")
     multihost_utils.sync_global_devices("dapo_jax shared directory check: written")
-    seen = multihost_utils.process_allgather(np.asarray(probe.exists(), np.int32))
+    seen = np.asarray(multihost_utils.process_allgather(np.asarray(probe.exists(), np.int32)))
     multihost_utils.sync_global_devices("dapo_jax shared directory check: read")
     if jax.process_index() == 0:
         probe.unlink()
-    blind = [i for i, ok in enumerate(np.asarray(seen).reshape(-1)) if not ok]
+    blind = [i for i, ok in enumerate(seen.reshape(-1)) if not ok]
     if blind:
         raise ValueError(f"--workdir {path} is not shared: process(es) {blind} cannot see a file "
                          "process 0 wrote there. Multi-process runs need a directory every host "
                          "sees (gs://bucket/path or a shared file system), because all processes "
                          "write one checkpoint there and read it back on restart.")
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is true on any of them (one tiny all-gather if multi-process).
+
+    For decisions every process must take together, such as stopping after a SIGTERM that reaches
+    the hosts at different moments: a process that stops alone leaves the others in a collective.
+    """
+    import jax
+    import numpy as np
+
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray(flag, np.int32))).any())

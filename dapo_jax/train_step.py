@@ -33,6 +33,9 @@ class LossSettings:
     log_ratio_clamp: float | None = None
     num_dp_ranks: int = 1  # only for verl-legacy-token-mean
     chunk_size: int = 1024
+    # The policy is softmax(logits / temperature) with the rollout temperature (as verl's actor), so
+    # old and new log-probs describe the distribution the samples were drawn from.
+    temperature: float = 1.0
 
 
 def lr_schedule(lr: float, warmup_steps: int) -> Callable[[int], float]:
@@ -62,7 +65,8 @@ def batch_spec(ndim: int, leading: int = 0) -> PartitionSpec:
 
 
 def build_logprob_fn(cfg: ModelConfig, mesh: Mesh, param_shardings: Any, prompt_len: int,
-                     chunk_size: int, rules: Mapping[str, Any] | None = None):
+                     chunk_size: int, rules: Mapping[str, Any] | None = None,
+                     temperature: float = 1.0):
     """jit(params, input_ids, attention_mask, response_mask) -> (logprobs, entropy), each [B, R].
 
     Rows are [left-padded prompt of `prompt_len` | right-padded response]; outputs cover the response.
@@ -73,7 +77,8 @@ def build_logprob_fn(cfg: ModelConfig, mesh: Mesh, param_shardings: Any, prompt_
         targets = jnp.concatenate([jnp.zeros_like(attention_mask[:, :prompt_len]), response_mask],
                                   axis=1)
         lp, ent = sequence_logprobs(params, cfg, input_ids, attention_mask, targets,
-                                    return_entropy=True, chunk_size=chunk_size, mesh=mesh, rules=rules)
+                                    return_entropy=True, chunk_size=chunk_size, mesh=mesh, rules=rules,
+                                    temperature=temperature)
         return lp[:, prompt_len:], ent[:, prompt_len:]
 
     return jax.jit(fn, in_shardings=(param_shardings, bsh, bsh, bsh), out_shardings=(bsh, bsh))
@@ -99,7 +104,7 @@ def build_update_fn(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
             [jnp.zeros_like(micro["attention_mask"][:, :prompt_len]), micro["response_mask"]], axis=1)
         lp, ent = sequence_logprobs(params, cfg, micro["input_ids"], micro["attention_mask"], targets,
                                     return_entropy=True, chunk_size=loss.chunk_size, mesh=mesh,
-                                    rules=rules)
+                                    rules=rules, temperature=loss.temperature)
         lp, ent = lp[:, prompt_len:], ent[:, prompt_len:]
         legacy = loss.loss_agg_mode == "verl-legacy-token-mean"
         value, metrics = algo.compute_policy_loss(

@@ -86,9 +86,10 @@ class Trainer:
             loss_scale_length=float(a.loss_scale_length or self.R),
             log_ratio_clamp=a.log_ratio_clamp or None,
             num_dp_ranks=dp_size if c.trainer.micro_batch_size % dp_size == 0 else 1,
-            chunk_size=c.trainer.logprob_chunk_size)
+            chunk_size=c.trainer.logprob_chunk_size, temperature=c.rollout.temperature)
         self.logprob_fn = build_logprob_fn(self.model_cfg, self.mesh, self.param_shardings, self.P,
-                                           c.trainer.logprob_chunk_size)
+                                           c.trainer.logprob_chunk_size,
+                                           temperature=c.rollout.temperature)
         self.update_fn = build_update_fn(self.model_cfg, self.tx, self.mesh, self.param_shardings,
                                          self.opt_shardings, self.P, self.loss_settings)
 
