@@ -31,5 +31,9 @@ demo: $(STAMP)
 test: $(TEST_STAMP)
 	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS) tests
 
+bench: $(TEST_STAMP)
+	$(PY) -m benchmarks.model_step
+	$(PY) -m benchmarks.rollout_throughput --presets tiny,qwen2.5-0.5b --batches 16,64
+
 clean:
 	rm -rf $(VENV) workdir .pytest_cache

@@ -76,8 +76,9 @@ class ModelConfig:
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token (2 per MAC), including attention over `seq_len` keys."""
         d, l = self.hidden_size, self.num_layers
-        matmul_params = self.num_params - self.vocab_size * d * (0 if self.tie_word_embeddings else 1)
-        matmul_params += self.vocab_size * d if self.tie_word_embeddings else 0  # lm head matmul
+        # The embedding lookup is no matmul; the lm head (tied or not) is one d x V matmul.
+        embeddings = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        matmul_params = self.num_params - embeddings + self.vocab_size * d
         matmul_params -= l * 2 * d + d  # norms are not matmuls
         attn = 2 * 2 * l * self.num_heads * self.head_dim * seq_len / 2  # causal: half the keys
         return 2.0 * matmul_params + attn

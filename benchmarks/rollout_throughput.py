@@ -1,0 +1,298 @@
+"""Rollout throughput: generated tokens/s of our Engine + RolloutDriver against transformers `generate`.
+
+Both engines sample (temperature 1, top-p 1, no top-k) from IDENTICAL weights: a random transformers
+Qwen2 model is written with `save_pretrained` and loaded back with `models.load_pretrained`. Both get
+the same random prompts and must generate exactly `--new_tokens` tokens per sequence (EOS is disabled
+in transformers and our stop id is one the model cannot produce; lengths are checked). The batch is
+the number of sequences decoded concurrently (our decode slots; transformers' batch). Warm-up runs
+(compilation for us) come first and are not timed.
+
+On GPU/TPU the table also gives the HBM-bandwidth roofline of a decode step (parameters + KV cache
+read once per step) and the fraction of it our decode loop reaches.
+
+    python -m benchmarks.rollout_throughput                       # tiny + 0.5B, batch 16 and 64, CPU
+    python -m benchmarks.rollout_throughput --presets qwen2.5-0.5b --batches 64,256 --skip_hf \\
+        --dtype bfloat16                                          # GPU/TPU roofline
+    python -m benchmarks.rollout_throughput --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from benchmarks import common
+from dapo_jax import models
+from dapo_jax.models.config import DTYPES, ModelConfig
+from dapo_jax.sampler import Engine, RolloutDriver, RolloutRequest, SamplingParams
+
+SAMPLING = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, greedy=False)
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+COLUMNS = ["preset", "batch", "HF tok/s", "ours tok/s", "ours / HF", "ours decode tok/s",
+           "ours ms/step", "compute-ideal ms/step", "HBM roofline tok/s", "ours / roofline"]
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list, got nothing")
+        return items
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line flags (see the module docstring for example invocations)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--presets", type=_csv(str), default=["tiny", "qwen2.5-0.5b"],
+                   help="comma-separated model presets (shapes; weights are random)")
+    p.add_argument("--batches", type=_csv(int), default=[16, 64],
+                   help="comma-separated numbers of sequences decoded concurrently")
+    p.add_argument("--prompt_len", type=int, default=64, help="tokens per random prompt")
+    p.add_argument("--new_tokens", type=int, default=128, help="tokens generated per sequence")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="our matmul/activation dtype")
+    p.add_argument("--cache_dtype", default=None, choices=DTYPES,
+                   help="our KV-cache dtype (default: --dtype)")
+    p.add_argument("--steps_per_sync", type=int, default=8, help="our decode steps per host sync")
+    p.add_argument("--skip_hf", action="store_true",
+                   help="time only our engine (e.g. on GPU/TPU, where CPU transformers is no baseline)")
+    p.add_argument("--matmul_n", type=int, default=None,
+                   help="side of the matmul measuring the compute peak (default 2048 CPU, 8192 else)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny preset, batch 4, 8-token prompts, 8 new tokens: runs in seconds")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.presets, args.batches, args.prompt_len, args.new_tokens = ["tiny"], [4], 8, 8
+        args.steps_per_sync, args.matmul_n = 4, 256
+    for name in ("prompt_len", "new_tokens", "steps_per_sync"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if min(args.batches) < 1:
+        p.error(f"--batches must all be >= 1, got {args.batches}")
+    for name in args.presets:
+        try:
+            models.preset(name)
+        except ValueError as e:
+            p.error(str(e))
+    if args.matmul_n is None:
+        args.matmul_n = 2048 if jax.default_backend() == "cpu" else 8192
+    args.cache_dtype = args.cache_dtype or args.dtype
+    return args
+
+
+def decode_bytes_per_step(cfg: ModelConfig, batch: int, cache_len: int, param_bytes: int,
+                          cache_dtype: str) -> int:
+    """HBM bytes one decode step must read: every parameter once plus the whole K and V cache.
+
+    `param_bytes` is the size of the weights as the engine holds them; `cache_len` is the cache
+    length the attention reads: our engine attends over all max_target_length positions (masked).
+    """
+    kv = 2 * cfg.num_layers * batch * cache_len * cfg.num_kv_heads * cfg.head_dim * _BYTES[cache_dtype]
+    return int(param_bytes) + kv
+
+
+def roofline_tokens_per_s(bytes_per_step: int, batch: int, hbm_bytes_per_s: float) -> float:
+    """Tokens/s if a decode step took exactly its bytes / bandwidth: bandwidth / bytes * batch."""
+    return hbm_bytes_per_s / bytes_per_step * batch
+
+
+def random_prompts(vocab_size: int, batch: int, length: int, seed: int) -> np.ndarray:
+    """[batch, length] uniformly random token ids (the same prompts go to both engines)."""
+    return np.random.default_rng(seed).integers(0, vocab_size, size=(batch, length), dtype=np.int64)
+
+
+def build_hf_checkpoint(cfg: ModelConfig, directory: str, seed: int):
+    """A random float32 transformers model with `cfg`'s shape, EOS disabled, saved to `directory`."""
+    import torch
+    import transformers
+
+    hf = models.to_hf_config(cfg)
+    for key in ("model_type", "architectures", "torch_dtype"):
+        hf.pop(key, None)
+    hf.update(bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(seed)
+    # Attribute access imports only the one architecture (the other costs seconds of imports).
+    if cfg.architecture == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf))
+    else:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf))
+    model = model.float().eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.bos_token_id = None
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(directory)
+    return model
+
+
+def run_hf(model, prompts: np.ndarray, new_tokens: int, seed: int) -> dict[str, float]:
+    """Times one transformers `generate` call (plain sampling) after a short warm-up call."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    kwargs = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None,
+                  pad_token_id=0)
+    ids = torch.as_tensor(prompts)
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        warm = min(len(prompts), 4)
+        model.generate(ids[:warm], attention_mask=mask[:warm], max_new_tokens=4, **kwargs)
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, **kwargs)
+        wall = time.perf_counter() - t0
+    generated = out.shape[1] - ids.shape[1]
+    if generated != new_tokens:
+        raise RuntimeError(f"transformers generated {generated} tokens per sequence, not {new_tokens}: "
+                           "EOS was not disabled, so the comparison would be unfair")
+    total = new_tokens * len(prompts)
+    return {"wall_s": wall, "tokens": total, "tokens_per_s": total / wall,
+            "ms_per_step": 1000 * wall / new_tokens}
+
+
+def run_ours(cfg: ModelConfig, params: dict, prompts: np.ndarray, new_tokens: int,
+             args: argparse.Namespace) -> dict[str, float]:
+    """Times one RolloutDriver.generate over all prompts (one slot each) after a compile warm-up."""
+    batch, prompt_len = prompts.shape
+    engine = Engine(cfg, max_concurrent_decodes=batch, max_prefill_length=prompt_len,
+                    max_target_length=prompt_len + new_tokens,
+                    stop_token_ids=[cfg.vocab_size],  # outside the vocabulary: never sampled
+                    sampling=SAMPLING, cache_dtype=args.cache_dtype)
+    driver = RolloutDriver(engine, params, steps_per_sync=args.steps_per_sync, progress=False)
+    requests = [RolloutRequest([int(t) for t in p], n=1, max_new_tokens=new_tokens) for p in prompts]
+    t0 = time.perf_counter()
+    # Compiles the prefill bucket, the one-slot insert and the decode loop: the shapes are the same
+    # as in the timed run, only the token budget (a runtime value) is smaller.
+    driver.generate([RolloutRequest(requests[0].prompt, 1, args.steps_per_sync)], seed=args.seed + 1)
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = driver.generate(requests, seed=args.seed)
+    wall = time.perf_counter() - t0
+    lengths = {s.length for samples in result.samples for s in samples}
+    reasons = {s.finish_reason for samples in result.samples for s in samples}
+    if lengths != {new_tokens} or reasons != {"length"}:
+        raise RuntimeError(f"our engine generated lengths {sorted(lengths)} ({sorted(reasons)}), "
+                           f"not exactly {new_tokens}: the comparison would be unfair")
+    st = result.stats
+    total = new_tokens * batch
+    leaves = jax.tree.leaves(driver.params)
+    return {"param_bytes": sum(x.nbytes for x in leaves),
+            "param_dtypes": sorted({str(x.dtype) for x in leaves}), "wall_s": wall, "tokens": total,
+            "tokens_per_s": total / wall, "warmup_s": warmup_s,
+            "prefill_s": st["prefill_s"], "insert_s": st["insert_s"], "decode_s": st["decode_s"],
+            "decode_steps": st["decode_steps"], "decode_tokens_per_s": st["decode_tokens_per_s"],
+            "ms_per_step": 1000 * st["decode_s"] / st["decode_steps"]}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs every (preset, batch) pair on both engines; returns every number."""
+    env = common.environment()
+    on_accelerator = env["backend"] != "cpu"
+    spec = common.device_spec(env["device_kind"]) if on_accelerator else None
+    peak = common.measured_matmul_flops(args.dtype, args.matmul_n)
+    rows = []
+    for name in args.presets:
+        with tempfile.TemporaryDirectory(prefix="rollout_bench_") as tmp:
+            hf_model = build_hf_checkpoint(models.preset(name), tmp, args.seed)
+            if args.skip_hf:
+                hf_model = None
+            model, cfg = models.load_pretrained(tmp, dtype="float32")
+            params = model.params()
+            del model
+        cfg = cfg.replace(dtype=args.dtype)
+        for batch in args.batches:
+            prompts = random_prompts(cfg.vocab_size, batch, args.prompt_len, args.seed + batch)
+            hf = None if hf_model is None else run_hf(hf_model, prompts, args.new_tokens, args.seed)
+            ours = run_ours(cfg, params, prompts, args.new_tokens, args)
+            cache_len = args.prompt_len + args.new_tokens
+            step_flops = batch * common.forward_flops_per_token(cfg, cache_len)
+            row = {"preset": name, "batch": batch, "hf": hf, "ours": ours,
+                   "ratio": None if hf is None else ours["tokens_per_s"] / hf["tokens_per_s"],
+                   "decode_step_flops": step_flops,
+                   "compute_ideal_ms_per_step": 1000 * step_flops / peak,
+                   "bytes_per_step": decode_bytes_per_step(cfg, batch, cache_len, ours["param_bytes"],
+                                                           args.cache_dtype),
+                   "roofline_tokens_per_s": None, "roofline_fraction": None}
+            if spec is not None:
+                roof = roofline_tokens_per_s(row["bytes_per_step"], batch, spec.hbm_bytes_per_s)
+                row.update(roofline_tokens_per_s=roof,
+                           roofline_fraction=ours["decode_tokens_per_s"] / roof)
+            rows.append(row)
+            print(f"[rollout_throughput] {name} batch {batch}: ours "
+                  f"{ours['tokens_per_s']:.1f} tok/s" +
+                  ("" if hf is None else f", HF {hf['tokens_per_s']:.1f} tok/s"),
+                  file=sys.stderr, flush=True)
+        del hf_model, params
+    return {"benchmark": "rollout_throughput", "environment": env,
+            "config": {k: getattr(args, k) for k in ("presets", "batches", "prompt_len", "new_tokens",
+                                                     "dtype", "cache_dtype",
+                                                     "steps_per_sync", "skip_hf", "seed")},
+            "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
+            "device_spec": None if spec is None else vars(spec),
+            "measured_matmul_flops": peak, "matmul_n": args.matmul_n, "rows": rows}
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """One markdown table with both engines, then notes on how each column is computed."""
+    env, c = r["environment"], r["config"]
+    na = "n/a" if env["backend"] == "cpu" else "unknown device"
+
+    def cell(row, key, scale=1.0):
+        return common.fmt(None if row.get(key) is None else row[key] * scale)
+
+    body = []
+    for row in r["rows"]:
+        hf, ours = row["hf"], row["ours"]
+        roof = row["roofline_tokens_per_s"]
+        body.append([
+            row["preset"], row["batch"],
+            "skipped" if hf is None else common.fmt(hf["tokens_per_s"]),
+            common.fmt(ours["tokens_per_s"]),
+            "n/a" if row["ratio"] is None else f"{row['ratio']:.2f}x",
+            common.fmt(ours["decode_tokens_per_s"]), common.fmt(ours["ms_per_step"]),
+            common.fmt(row["compute_ideal_ms_per_step"]),
+            na if roof is None else common.fmt(roof),
+            na if roof is None else f"{100 * row['roofline_fraction']:.1f}%"])
+    spec = r["device_spec"]
+    weights = "/".join(sorted({d for row in r["rows"] for d in row["ours"]["param_dtypes"]}))
+    lines = [
+        f"## rollout_throughput on {env['backend']} ({env['device_kind']}, jax {env['jax']}, "
+        f"{env['cpu_count']} CPUs)", "",
+        common.markdown_table(COLUMNS, body), "",
+        f"Each sequence: {c['prompt_len']}-token random prompt, exactly {c['new_tokens']} sampled "
+        "tokens (temperature 1, top-p 1, no top-k). tok/s = generated tokens / wall time of the whole call "
+        "(prefill included, warm-up and compilation excluded). Ours: "
+        f"dtype {c['dtype']}, weights held in {weights}, KV cache {c['cache_dtype']}, "
+        f"steps_per_sync {c['steps_per_sync']}; transformers: float32, torch threads = cpu_count.",
+        "ours decode tok/s and ms/step time only the decode loop (no prefill or insert). "
+        f"compute-ideal ms/step = decode-step FLOPs / measured {c['dtype']} matmul peak "
+        f"({common.fmt(r['measured_matmul_flops'] / 1e12)} TFLOP/s, n={r['matmul_n']}).",
+    ]
+    if spec is not None:
+        lines.append(f"HBM roofline: {spec['name']} at {spec['hbm_bytes_per_s'] / 1e12:.2f} TB/s; "
+                     "bytes per decode step = parameters + the whole K/V cache (prompt + new tokens); "
+                     "roofline tok/s = bandwidth / bytes per step x batch, compared with decode tok/s.")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark, prints the markdown report, writes JSON when asked; returns the results."""
+    args = parse_args(argv)
+    result = run(args)
+    print(format_report(result))
+    if args.json:
+        common.write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

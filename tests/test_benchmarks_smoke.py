@@ -1,0 +1,111 @@
+"""The benchmarks run end to end on the tiny preset and print the promised tables; their FLOP, byte and
+device-peak bookkeeping matches independent counts. No timing assertions: this machine is shared."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import common, model_step, rollout_throughput
+from dapo_jax import models
+
+
+def _number(cell: str) -> float:
+    return float(cell.rstrip("x%"))
+
+
+def _rows(text: str) -> list[list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[2:]]
+
+
+def test_model_step_smoke_prints_step_and_peak_tables(capsys, tmp_path):
+    out_json = tmp_path / "model_step.json"
+    model_step.main(["--smoke", "--json", str(out_json)])
+    text = capsys.readouterr().out
+    assert common.table_headers(text) == [
+        ["preset", "params", "batch", "seq_len", "dtype", "remat", "compile s", "step s (median)",
+         "tokens/s", "achieved TFLOP/s"],
+        ["reference", "peak TFLOP/s", "MFU (achieved / peak)"],
+    ]
+    assert "3 x cfg.flops_per_token(seq_len)" in text
+    result = json.loads(out_json.read_text())
+    assert result["config"]["preset"] == "tiny"
+    # The documented FLOP convention: fwd+bwd = 3 x forward, per token of batch 2 x 32.
+    assert result["flops_per_token"] == pytest.approx(3 * models.preset("tiny").flops_per_token(32))
+    assert result["tokens_per_s"] == pytest.approx(2 * 32 / result["step_s"]["median"])
+    refs = [p["reference"] for p in result["peaks"]]
+    assert refs[0].startswith("measured bfloat16") and refs[1].startswith("measured float32")
+    assert all(p["ratio"] > 0 for p in result["peaks"][:2])
+    # On CPU there is no published peak to compare with.
+    assert result["peaks"][2]["ratio"] is None and "n/a" in _rows(text)[-1]
+
+
+def test_rollout_smoke_prints_one_table_with_both_engines(capsys):
+    result = rollout_throughput.main(["--smoke"])
+    text = capsys.readouterr().out
+    assert common.table_headers(text) == [rollout_throughput.COLUMNS]
+    (row,) = _rows(text)
+    cells = dict(zip(rollout_throughput.COLUMNS, row))
+    assert cells["preset"] == "tiny" and cells["batch"] == "4"
+    hf, ours = _number(cells["HF tok/s"]), _number(cells["ours tok/s"])
+    assert hf > 0 and ours > 0
+    assert _number(cells["ours / HF"]) == pytest.approx(ours / hf, rel=0.02)
+    # Both engines produced exactly 8 tokens for each of the 4 sequences.
+    (r,) = result["rows"]
+    assert r["hf"]["tokens"] == r["ours"]["tokens"] == 4 * 8
+    # The roofline's weight bytes are the engine's own float32 copy of the tiny model.
+    assert r["ours"]["param_bytes"] == models.preset("tiny").num_params * 4
+    assert cells["HBM roofline tok/s"] == "n/a" and cells["ours / roofline"] == "n/a"
+
+
+def test_decode_roofline_of_qwen05b_on_h100_matches_hand_count():
+    cfg = models.preset("qwen2.5-0.5b")
+    params_bytes = 494_032_768 * 2  # Qwen2.5-0.5B's published parameter count, bf16
+    # K and V x layers x batch x length x kv heads x head_dim x bf16 bytes
+    kv_bytes = 2 * 24 * 64 * 192 * 2 * 64 * 2
+    got = rollout_throughput.decode_bytes_per_step(cfg, 64, 192, params_bytes, "bfloat16")
+    assert got == params_bytes + kv_bytes
+    h100 = common.device_spec("NVIDIA H100 80GB HBM3")
+    assert rollout_throughput.roofline_tokens_per_s(got, 64, h100.hbm_bytes_per_s) == pytest.approx(
+        3.35e12 / (params_bytes + kv_bytes) * 64)
+
+
+@pytest.mark.parametrize("kind,name,peak,bandwidth", [
+    ("NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM", 989e12, 3.35e12),
+    ("NVIDIA H100 PCIe", "NVIDIA H100 PCIe", 756e12, 2.0e12),
+    ("NVIDIA H200", "NVIDIA H200", 989e12, 4.8e12),
+    ("NVIDIA A100-SXM4-80GB", "NVIDIA A100-80GB", 312e12, 2.0e12),
+    ("TPU v5 lite", "TPU v5e", 197e12, 8.1e11),
+    ("TPU v5", "TPU v5p", 459e12, 2.76e12),
+    ("TPU v6 lite", "TPU v6e", 918e12, 1.64e12),
+])
+def test_device_kind_strings_map_to_published_peaks(kind, name, peak, bandwidth):
+    spec = common.device_spec(kind)
+    assert (spec.name, spec.peak_bf16_flops, spec.hbm_bytes_per_s) == (name, peak, bandwidth)
+
+
+def test_unknown_device_kind_has_no_published_peak():
+    assert common.device_spec("cpu") is None
+
+
+def test_shape_flop_count_equals_xla_cost_analysis_of_tied_forward():
+    # XLA's own count of the compiled forward pass is the independent reference. Layers unrolled
+    # (XLA counts a loop body once); full (masked) attention over all t keys, as the code computes.
+    cfg = models.ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_layers=2,
+                             num_heads=4, num_kv_heads=2, head_dim=64, tie_word_embeddings=True,
+                             scan_layers=False)
+    params = jax.eval_shape(lambda: models.init_model(cfg).params())
+    b, t = 2, 16
+    ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+    def forward(p, x):
+        hidden, _ = models.decoder_apply(p, cfg, x)
+        return models.lm_logits(p, cfg, hidden)
+
+    cost = jax.jit(forward).lower(params, ids).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    expected = common.forward_flops_per_token(cfg, attended_keys=t) * b * t
+    # Elementwise work (norms, rope, softmax, silu) is the small remainder XLA also counts.
+    assert expected <= cost["flops"] <= 1.03 * expected
