@@ -10,7 +10,7 @@ def get_config(arg: str = "dapo"):
     """Toy DAPO run: minutes on 2 CPU cores."""
     c = get_base_config()
     c.seed = 0
-    c.model.preset = "tiny"
+    c.model.preset = "toy"
     c.mesh.num_devices = 1  # tiny shapes: one CPU device is fastest
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"
@@ -20,15 +20,24 @@ def get_config(arg: str = "dapo"):
     c.data.val = ["toy"]
     c.data.template = "short"
     c.data.max_prompt_length = 48
-    c.data.max_response_length = 32
+    c.data.max_response_length = 40
     c.algo.overlong_buffer.len = 8
+    # Three one-digit operands: every step of a held-out chain ("8 + 9 = 17", "17 + 1 = 18") is a
+    # step the warm start has seen, so held-out problems test composition, not memorisation.
+    c.data.toy.min_operands = 3
+    c.data.toy.max_operands = 3
+    c.data.toy.min_digits = 1
+    c.data.toy.max_digits = 1
+    c.data.toy.operators = "+"
+    c.data.toy.num_train = 800
+    c.data.toy.num_heldout = 100
     c.rollout.n = 8
     c.rollout.max_concurrent_decodes = 128
     c.rollout.steps_per_sync = 8
     c.rollout.cache_dtype = "float32"
     c.algo.dynamic_sampling.max_num_gen_batches = 4
     c.algo.dynamic_sampling.on_cap = "proceed"
-    c.optim.lr = 2e-4
+    c.optim.lr = 1e-4
     c.optim.warmup_steps = 2
     c.optim.weight_decay = 0.0
     c.trainer.total_steps = 30
@@ -41,9 +50,12 @@ def get_config(arg: str = "dapo"):
     c.trainer.keep_checkpoints = 2
     c.trainer.test_freq = 10
     c.trainer.val_before_train = True
-    c.warm_start.steps = 150
+    c.warm_start.steps = 300
     c.warm_start.batch_size = 64
     c.warm_start.lr = 3e-3
+    # Half the worked solutions end "So the result is N.", which the DAPO reward cannot read: the
+    # policy has to find the rewarded `Answer:` format through RL.
+    c.warm_start.format_noise = 0.5
     c.eval.n = 4
     c.eval.top_p = 1.0
     c.eval.max_problems = 100
