@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Sequence
 
@@ -43,7 +45,9 @@ def evaluate_records(driver, tokenizer, records: Sequence[dict], *, dataset: str
             text = s.text if s.text is not None else tokenizer.decode(s.tokens, skip_special_tokens=True)
             samples.append({"problem_id": rec["id"], "response": text, "length": s.length,
                             "finish_reason": s.finish_reason})
-    out_dir = os.fspath(out_dir)
+    # Only the writing process (process 0) reports into the shared workdir; the others compute the
+    # same metrics in a private folder (deleting their copies there deleted process 0's reports).
+    out_dir = os.fspath(out_dir) if write else tempfile.mkdtemp(prefix="dapo_eval_")
     summary = report.write_report(problems, samples, out_dir, dataset=dataset, scorer=scorer,
                                   max_length=max_new_tokens)
     with open(os.path.join(out_dir, report.REPORT_JSON)) as f:
@@ -52,11 +56,7 @@ def evaluate_records(driver, tokenizer, records: Sequence[dict], *, dataset: str
     metrics[f"val-aux/{dataset}/timing_s/gen"] = gen_s
     metrics[f"val-aux/{dataset}/tokens_per_s"] = tokens / max(gen_s, 1e-9)
     if not write:
-        for name in (report.REPORT_JSON, report.REPORT_MD, report.SAMPLES_JSONL):
-            try:
-                os.remove(os.path.join(out_dir, name))
-            except OSError:
-                pass
+        shutil.rmtree(out_dir, ignore_errors=True)
     summary += f"\ngenerated {tokens:,} tokens in {gen_s:.1f}s ({tokens / max(gen_s, 1e-9):,.0f} tok/s)"
     return summary, metrics
 

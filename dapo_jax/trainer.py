@@ -24,12 +24,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 import data_pipeline as dp
 from dapo_jax import algo, models
 from dapo_jax import datasets as ds_lib
 from dapo_jax.config_validation import validate_config
+from dapo_jax.distributed import any_process
 from dapo_jax.host_transfer import to_host, tree_to_host
 from dapo_jax.metrics_writer import MetricsWriter, peak_flops_per_device
 from dapo_jax.models.sharding import make_mesh
@@ -53,7 +55,8 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, progress: bool | None = None):
         self.config = c = config
         validate_config(c, jax.device_count())
-        self.workdir = epath.Path(workdir)
+        # Orbax needs absolute paths; gs:// paths are already absolute.
+        self.workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.is_main = jax.process_index() == 0
         self.progress = sys.stderr.isatty() if progress is None else progress
@@ -132,12 +135,15 @@ class Trainer:
         path = c.tokenizer.path or c.model.path
         if not path and c.data.train == "toy":
             path = os.fspath(self.workdir / "toy_tokenizer")
-            if not (epath.Path(path) / "tokenizer.json").exists():
+            # Process 0 builds it into the shared workdir; the others wait for its files.
+            if self.is_main and not (epath.Path(path) / "tokenizer.json").exists():
                 corpus = []
                 for rec in self.train_records[:2000]:
                     corpus.append(dp.render_prompt_text(_NoTemplate(), rec, apply_chat_template=False))
                     corpus.append(dp.toy_worked_solution(rec))
                 dp.build_toy_tokenizer(path, corpus)
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("dapo_jax: toy tokenizer written")
         if not path:
             raise ValueError("config.tokenizer.path is empty and config.model.path is empty: set one "
                              "to a folder with tokenizer.json (e.g. ../shared/data/tokenizers/qwen2.5)")
@@ -526,8 +532,11 @@ class Trainer:
                         print(_format_val(self.step, m), flush=True)
                 bar.update(1)
                 final = self.step == c.trainer.total_steps
-                self._save(force=final or self._stop_requested)
-                if self._stop_requested and not final:
+                # SIGTERM reaches hosts at different moments: all stop after the same step, or the
+                # ones that go on wait forever in a collective for the ones that stopped.
+                stop = any_process(self._stop_requested)
+                self._save(force=final or stop)
+                if stop and not final:
                     self.ckpt.wait_until_finished()
                     raise Preempted(f"stopped by SIGTERM after step {self.step}; checkpoint saved")
             bar.close()

@@ -270,6 +270,7 @@ def save_pretrained(model: Qwen2 | Params, model_config: ModelConfig, path: str 
                     f.copy(epath.Path(local) / f.name)
     dest = epath.Path(path)
     dest.mkdir(parents=True, exist_ok=True)
-    for f in os.listdir(local):
+    # config.json last: its presence marks a complete checkpoint (the warm-start cache test).
+    for f in sorted(os.listdir(local), key=lambda name: name == "config.json"):
         epath.Path(local, f).copy(dest / f, overwrite=True)
     shutil.rmtree(local, ignore_errors=True)

@@ -1,0 +1,137 @@
+"""Preemption: a SIGTERM finishes the current step, checkpoints it, exits 42; the restart carries on
+exactly as if nothing had happened."""
+
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dapo_jax import trainer as trainer_lib
+from dapo_jax.host_transfer import tree_to_host
+from dapo_jax.trainer import PREEMPTED_EXIT_CODE, Preempted, Trainer
+from scripts import multihost_check as mc
+
+# One device (fastest on CPU). save_every is far beyond total_steps, so the only checkpoint before
+# the end is the one the SIGTERM forces.
+TOTAL_STEPS = 6
+OVERRIDES = mc.toy_overrides({"mesh.num_devices": 1, "mesh.fsdp": -1, "mesh.tensor": 1,
+                              "trainer.total_steps": TOTAL_STEPS, "trainer.save_every": 1000})
+# Compiled steps take ~0.1 s here: the run to be preempted gets a horizon it cannot reach before the
+# signal lands. total_steps changes nothing else (no decay schedule, endless data).
+UNREACHABLE = {**OVERRIDES, "trainer.total_steps": 999}
+
+
+def _cache_dir():
+    return jax.config.jax_compilation_cache_dir
+
+
+def _wait_for_step(proc: subprocess.Popen, workdir, step: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if mc.last_logged_step(workdir) >= step:
+            return
+        time.sleep(0.005)  # steps take ~0.1 s: signal within the step after `step`
+
+
+def test_sigterm_mid_run_checkpoints_and_the_restart_matches_the_uninterrupted_run(tmp_path,
+                                                                                   monkeypatch):
+    """Real signal to a real `dapo_jax.train` process (stand-in reward), then a real restart.
+
+    Proves: the process exits with PREEMPTED_EXIT_CODE after the step it was in, leaving exactly one
+    checkpoint, at that step (save_every would have written none); the restart resumes there and
+    logs each remaining step once; and every logged step, before and after the preemption, equals
+    an uninterrupted in-process run of the same config (params, AdamW moments, the data iterator,
+    the sampling seed counter and dynamic-sampling carry-over all survive the checkpoint).
+    """
+    monkeypatch.setattr(trainer_lib, "score_batch", mc.byte_parity_reward)
+    full = Trainer(mc.make_config(OVERRIDES), str(tmp_path / "full"), progress=False)
+    reference = full.train()
+    full.close()
+    # Groups are carried over after steps 1 and 2: the checkpoint at the stop holds pending groups.
+    assert [r["dynamic_sampling/carried_over_groups"] for r in reference[:2]] == [1, 2]
+
+    workdir = tmp_path / "preempted"
+    procs, logs = mc.start(workdir, UNREACHABLE, devices_per_process=8,
+                           compilation_cache_dir=_cache_dir())
+    proc = procs[0]
+    _wait_for_step(proc, workdir, 1, timeout=300)
+    assert proc.poll() is None, mc.wait(procs, logs, 1).log_tail()
+    proc.send_signal(signal.SIGTERM)
+    run = mc.wait(procs, logs, timeout=120)
+    assert run.returncodes == [PREEMPTED_EXIT_CODE], run.log_tail()
+    stopped_at = [r["step"] for r in mc.read_metrics(workdir)]
+    k = stopped_at[-1]
+    assert stopped_at == list(range(1, k + 1)) and k < TOTAL_STEPS, stopped_at
+    assert mc.checkpoint_steps(workdir) == [k]
+    assert f"SIGTERM after step {k}" in logs[0].read_text(), run.log_tail()
+
+    run = mc.launch(workdir, OVERRIDES, devices_per_process=8, timeout=300,
+                    compilation_cache_dir=_cache_dir(), log_dir=tmp_path / "restart")
+    assert run.returncodes == [0], run.log_tail()
+    logged = mc.read_metrics(workdir)
+    assert [r["step"] for r in logged] == list(range(1, TOTAL_STEPS + 1))
+    expected = [{"step": i + 1, **m} for i, m in enumerate(reference)]
+    problems = mc.compare_metrics(expected, logged, rtol=1e-5, atol=1e-6)
+    assert not problems, "\n".join(problems)
+    assert mc.checkpoint_steps(workdir) == [k, TOTAL_STEPS]
+
+
+def test_sigterm_stops_after_the_current_step_and_the_checkpoint_holds_its_state(tmp_path,
+                                                                                  monkeypatch):
+    """In process, the handler called during step 1 (deterministic stop point).
+
+    Proves: step 1 completes, `Preempted` is raised before step 2 starts, and a trainer restarted
+    on the workdir holds bit-identical parameters, optimizer state, accumulator, data-iterator
+    position and generation counter. A SIGTERM during the last step ends the run normally (the
+    final checkpoint is the one that step saves anyway; exit code 0, not 42).
+    """
+    monkeypatch.setattr(trainer_lib, "score_batch", mc.byte_parity_reward)
+    config = mc.make_config({**OVERRIDES, "trainer.total_steps": 2})
+    tr = Trainer(config, str(tmp_path), progress=False)
+    step_fn = tr.train_step
+    steps_started = []
+
+    def step_with_sigterm():
+        steps_started.append(tr.step + 1)
+        metrics = step_fn()
+        tr._on_sigterm(signal.SIGTERM, None)  # as if the signal came while this step ran
+        return metrics
+
+    tr.train_step = step_with_sigterm
+    with pytest.raises(Preempted, match="after step 1"):
+        tr.train()
+    assert steps_started == [1] and tr.step == 1
+    assert mc.checkpoint_steps(tmp_path) == [1]
+    state = {"params": tree_to_host(tr.params), "opt_state": tree_to_host(tr.opt_state)}
+    acc, data_state, drawn = tr.accumulator.state_dict(), tr.data_iter.get_state(), \
+        tr.gen_batches_drawn
+    tr.close()
+
+    resumed = Trainer(config, str(tmp_path), progress=False)
+    assert resumed.step == 1 and resumed.gen_batches_drawn == drawn
+    assert resumed.data_iter.get_state() == data_state
+    restored = {"params": tree_to_host(resumed.params),
+                "opt_state": tree_to_host(resumed.opt_state)}
+    for (path, want), have in zip(jax.tree_util.tree_leaves_with_path(state),
+                                  jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(have, want, err_msg=jax.tree_util.keystr(path))
+    got = resumed.accumulator.state_dict()
+    assert got.keys() == acc.keys()
+    for key in acc:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(acc[key]), err_msg=key)
+
+    step_fn = resumed.train_step
+
+    def last_step_with_sigterm():
+        metrics = step_fn()
+        resumed._on_sigterm(signal.SIGTERM, None)
+        return metrics
+
+    resumed.train_step = last_step_with_sigterm
+    history = resumed.train()  # no Preempted: the run is complete
+    resumed.close()
+    assert len(history) == 1 and resumed.step == 2
+    assert mc.checkpoint_steps(tmp_path) == [1, 2]
