@@ -66,6 +66,7 @@ def _load_checkpoint(path: str, step: int | None, config, mesh):
     import jax
     import orbax.checkpoint as ocp
     from etils import epath
+    from flax import nnx
 
     from dapo_jax import models
     from dapo_jax.models.config import ModelConfig
@@ -95,7 +96,7 @@ def _load_checkpoint(path: str, step: int | None, config, mesh):
     shardings = models.param_shardings(cfg, mesh)
     abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        jax.eval_shape(lambda: models.Qwen2(cfg, rngs=__import__("flax").nnx.Rngs(0)).params()),
+        jax.eval_shape(lambda: models.Qwen2(cfg, rngs=nnx.Rngs(0)).params()),
         shardings)
     params = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract))).params
