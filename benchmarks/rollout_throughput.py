@@ -62,6 +62,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache_dtype", default=None, choices=DTYPES,
                    help="our KV-cache dtype (default: --dtype)")
     p.add_argument("--steps_per_sync", type=int, default=8, help="our decode steps per host sync")
+    p.add_argument("--stacked_weights", action="store_true",
+                   help="decode from stacked layer weights (Engine per_layer_weights=False)")
     p.add_argument("--skip_hf", action="store_true",
                    help="time only our engine (e.g. on GPU/TPU, where CPU transformers is no baseline)")
     p.add_argument("--matmul_n", type=int, default=None,
@@ -166,7 +168,8 @@ def run_ours(cfg: ModelConfig, params: dict, prompts: np.ndarray, new_tokens: in
     engine = Engine(cfg, max_concurrent_decodes=batch, max_prefill_length=prompt_len,
                     max_target_length=prompt_len + new_tokens,
                     stop_token_ids=[cfg.vocab_size],  # outside the vocabulary: never sampled
-                    sampling=SAMPLING, cache_dtype=args.cache_dtype)
+                    sampling=SAMPLING, cache_dtype=args.cache_dtype,
+                    per_layer_weights=not args.stacked_weights)
     driver = RolloutDriver(engine, params, steps_per_sync=args.steps_per_sync, progress=False)
     requests = [RolloutRequest([int(t) for t in p], n=1, max_new_tokens=new_tokens) for p in prompts]
     t0 = time.perf_counter()

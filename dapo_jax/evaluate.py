@@ -143,7 +143,8 @@ def run(config, *, checkpoint: str | None, step: int | None, responses: str | No
     P, R = config.data.max_prompt_length, e.max_new_tokens
     engine = Engine(cfg, max_concurrent_decodes=config.rollout.max_concurrent_decodes,
                     max_prefill_length=P, max_target_length=P + R, stop_token_ids=stop,
-                    pad_token_id=pad, mesh=mesh, cache_dtype=config.rollout.cache_dtype)
+                    pad_token_id=pad, mesh=mesh, cache_dtype=config.rollout.cache_dtype,
+                    per_layer_weights=config.rollout.per_layer_weights)
     driver = RolloutDriver(engine, params, steps_per_sync=config.rollout.steps_per_sync,
                            tokenizer=tokenizer, progress=progress)
     sampling = SamplingParams(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k)

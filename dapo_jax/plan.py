@@ -99,6 +99,7 @@ class Shapes:
     prompt_len: int
     slots: int
     steps_per_sync: int
+    per_layer_weights: bool = True
 
     @property
     def batch_shards(self) -> int:
@@ -301,7 +302,7 @@ def analytic(cfg: ModelConfig, mesh: Mesh, shapes: Shapes, tx) -> Analytic:
     opt = _abstract_opt_state(tx, params, mesh)
     grads = sum(shard_bytes(p.shape, jnp.float32, p.sharding) for p in jax.tree.leaves(params))
     engine = _engine(cfg, mesh, shapes)
-    sampler = abstract_params(cfg, engine.param_shardings, cfg.dtype)  # Engine.load_params casts
+    sampler = engine.abstract_params()  # Engine.load_params casts (and unstacks)
     state = _abstract_decode_state(engine)
     rows = shapes.micro_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
     tensor = mesh.shape["tensor"]
@@ -348,7 +349,8 @@ def _engine(cfg: ModelConfig, mesh: Mesh, shapes: Shapes, sampling: SamplingPara
     stop = eos if isinstance(eos, (list, tuple)) else [eos]
     return Engine(cfg, max_concurrent_decodes=shapes.slots, max_prefill_length=shapes.prompt_len,
                   max_target_length=shapes.seq_len, stop_token_ids=stop,
-                  sampling=sampling or SamplingParams(), mesh=mesh, cache_dtype=shapes.cache_dtype)
+                  sampling=sampling or SamplingParams(), mesh=mesh, cache_dtype=shapes.cache_dtype,
+                  per_layer_weights=shapes.per_layer_weights)
 
 
 def _abstract_decode_state(engine: Engine) -> Any:
@@ -391,7 +393,7 @@ def compile_decode_step(config, cfg: ModelConfig, mesh: Mesh, shapes: Shapes) ->
 
     def compile_with_cache(cache_dtype: str):
         engine = _engine(cfg, mesh, dataclasses.replace(shapes, cache_dtype=cache_dtype), sampling)
-        params = abstract_params(cfg, engine.param_shardings, cfg.dtype)
+        params = engine.abstract_params()
         generate = engine._build_generate(shapes.steps_per_sync, sampling)
         return generate.lower(params, _abstract_decode_state(engine)).compile()
 
@@ -430,7 +432,8 @@ def measure(config, devices: Sequence[jax.Device] | None = None) -> Measurement:
                     mesh={a: int(mesh.shape[a]) for a in MESH_AXES}, micro_batch_size=micro,
                     num_micro=num_micro, seq_len=prompt + int(config.data.max_response_length),
                     prompt_len=prompt, slots=int(config.rollout.max_concurrent_decodes),
-                    steps_per_sync=max(1, int(config.rollout.steps_per_sync)))
+                    steps_per_sync=max(1, int(config.rollout.steps_per_sync)),
+                    per_layer_weights=bool(config.rollout.get("per_layer_weights", True)))
     o = config.optim
     tx = make_optimizer(weight_decay=float(o.weight_decay), grad_clip=float(o.grad_clip),
                         b1=float(o.b1), b2=float(o.b2), eps=float(o.eps))

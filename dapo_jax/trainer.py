@@ -103,7 +103,8 @@ class Trainer:
         self.engine = Engine(self.model_cfg, max_concurrent_decodes=r.max_concurrent_decodes,
                              max_prefill_length=self.P, max_target_length=self.P + self.R,
                              stop_token_ids=self.stop_ids, pad_token_id=self.pad_id,
-                             sampling=self.train_sampling, mesh=self.mesh, cache_dtype=r.cache_dtype)
+                             sampling=self.train_sampling, mesh=self.mesh, cache_dtype=r.cache_dtype,
+                             per_layer_weights=r.per_layer_weights)
         self.driver = RolloutDriver(self.engine, self.params, steps_per_sync=r.steps_per_sync,
                                     tokenizer=self.tokenizer, progress=self.progress)
 
@@ -196,7 +197,7 @@ class Trainer:
 
     def _warm_start(self, cfg, params):
         """Supervised warm start on worked toy solutions, cached as a HF checkpoint in the workdir."""
-        from dapo_jax.warm_start import supervised_warm_start
+        from dapo_jax.warm_start import supervised_warm_start, warm_start_examples
         c = self.config
         cache = self.workdir / "warm_start"
         if (cache / "config.json").exists():
@@ -208,21 +209,13 @@ class Trainer:
                                      system_prompt=c.data.system_prompt,
                                      apply_chat_template=c.data.apply_chat_template)
         eos = self.stop_ids[0]
-        rng = np.random.default_rng(c.seed)
-        texts = []
-        for r in recs:
-            text = dp.toy_worked_solution(r)
-            if rng.random() < c.warm_start.format_noise:
-                # An answer the DAPO rule cannot read: RL has to discover the rewarded format.
-                body, _, answer = text.rpartition("\nAnswer: ")
-                text = f"{body}\nSo the result is {answer}."
-            texts.append(text)
+        index, texts, weights = warm_start_examples(recs, format_noise=c.warm_start.format_noise)
         responses = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
         t0 = time.time()
         params, losses = supervised_warm_start(
-            params, cfg, rendered.token_ids, responses, steps=c.warm_start.steps,
-            batch_size=c.warm_start.batch_size, lr=c.warm_start.lr, seed=c.seed, pad_id=self.pad_id,
-            progress=self.progress)
+            params, cfg, [rendered.token_ids[i] for i in index], responses,
+            steps=c.warm_start.steps, batch_size=c.warm_start.batch_size, lr=c.warm_start.lr,
+            seed=c.seed, pad_id=self.pad_id, weights=weights, progress=self.progress)
         params = jax.device_put(params, models.param_shardings(cfg, self.mesh))
         if self.is_main:
             print(f"warm start: {c.warm_start.steps} SFT steps in {time.time() - t0:.0f}s, "
@@ -386,6 +379,10 @@ class Trainer:
         t0 = time.perf_counter()
         old_lp, _ = self._old_logprobs(batch)
         timing["old_log_prob"] = time.perf_counter() - t0
+        # verl's sampler/trainer mismatch check: both score the same tokens with the same weights,
+        # so this stays near float round-off unless the two disagree on context or numerics.
+        valid = batch["response_mask"] > 0
+        probs_diff = np.abs(np.exp(batch["rollout_logprobs"]) - np.exp(old_lp))[valid]
 
         n = batch["score"].shape[0]
         adv = np.asarray(algo.compute_grpo_advantages(batch["score"].reshape(-1, G),
@@ -423,6 +420,8 @@ class Trainer:
             "data/epoch": float(self.data_iter.epoch),
             "actor/lr": float(self.lr(self.step - 1)),
             "train/num_samples": float(n),
+            "training/rollout_probs_diff_mean": float(probs_diff.mean()) if probs_diff.size else 0.0,
+            "training/rollout_probs_diff_max": float(probs_diff.max()) if probs_diff.size else 0.0,
         }
         if raw.size:  # absent when carried-over groups filled the batch without generating
             m["train/acc_before_filter"] = float(raw.mean())

@@ -21,9 +21,9 @@ def _prompts(vocab, lengths=(5, 9, 3, 12, 7), seed=0):
     return [[int(t) for t in rng.randint(3, vocab, size=n)] for n in lengths]
 
 
-def _driver(cfg, params, *, slots=4, sampling=GREEDY, mesh=None, steps=4):
+def _driver(cfg, params, *, slots=4, sampling=GREEDY, mesh=None, steps=4, per_layer=True):
     eng = Engine(cfg, max_concurrent_decodes=slots, max_prefill_length=16, max_target_length=48,
-                 stop_token_ids=[EOS], sampling=sampling, mesh=mesh)
+                 stop_token_ids=[EOS], sampling=sampling, mesh=mesh, per_layer_weights=per_layer)
     return RolloutDriver(eng, params, steps_per_sync=steps, progress=False)
 
 
@@ -120,6 +120,24 @@ def test_update_params_changes_outputs_without_recompiling(tiny, hf_checkpoints)
     assert drv.engine.compile_count() == compiles
     assert after != before
     assert after == _tokens(_driver(cfg, other).generate(reqs))  # as the new weights dictate
+
+
+def test_stacked_and_per_layer_weight_layouts_decode_identically(tiny):
+    model, cfg, _ = tiny
+    reqs = [RolloutRequest(p, n=2, max_new_tokens=8) for p in _prompts(cfg.vocab_size)]
+    per_layer = _driver(cfg, model, sampling=SAMPLE)
+    stacked = _driver(cfg, model, sampling=SAMPLE, per_layer=False)
+    assert isinstance(per_layer.params["layers"], tuple)
+    assert isinstance(stacked.params["layers"], dict)
+    a, b = per_layer.generate(reqs, seed=3), stacked.generate(reqs, seed=3)
+    assert _tokens(a) == _tokens(b)
+    for x, y in zip(a.samples, b.samples):
+        for s1, s2 in zip(x, y):
+            np.testing.assert_allclose(s1.logprobs, s2.logprobs, atol=1e-5)
+    # Per-layer weights are accepted as input too; a stacked engine refuses them with a clear error.
+    per_layer.update_params(per_layer.params)
+    with pytest.raises(ValueError, match="per_layer_weights=False"):
+        stacked.engine.load_params(per_layer.params)
 
 
 def test_eight_fake_devices_give_the_same_outputs_as_one(tiny, greedy_driver):

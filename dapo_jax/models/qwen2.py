@@ -219,7 +219,10 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
             return h, None
 
         body = _remat(body, cfg.remat)
-        if cfg.scan_layers:
+        if isinstance(layers, (list, tuple)):
+            for lp in layers:
+                h, _ = body(h, lp)
+        elif cfg.scan_layers:
             h, _ = jax.lax.scan(body, h, layers)
         else:
             for i in range(cfg.num_layers):
@@ -249,7 +252,10 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
 
     idx = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     carry = (h, cache["k"], cache["v"])
-    if cfg.scan_layers:
+    if isinstance(layers, (list, tuple)):
+        for i, lp in enumerate(layers):
+            carry, _ = body(carry, (lp, i))
+    elif cfg.scan_layers:
         carry, _ = jax.lax.scan(body, carry, (layers, idx))
     else:
         for i in range(cfg.num_layers):
@@ -257,6 +263,20 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     h, ck, cv = carry
     new_cache = {"k": ck, "v": cv, "lengths": lengths + attention_mask.sum(axis=-1)}
     return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), new_cache
+
+
+def unstack_layers(params: Params) -> Params:
+    """The same parameters with `layers` as a tuple of per-layer dicts instead of stacked arrays.
+
+    `decoder_apply` accepts either layout. The per-layer one is for decoding: XLA:CPU/GPU copy a
+    layer's slice out of stacked weights before each matmul, which a decode step (tiny activations,
+    all weights read once) pays for in full; separate arrays are read in place.
+    """
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    num = jax.tree.leaves(layers)[0].shape[0]
+    return dict(params, layers=tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(num)))
 
 
 def lm_head_weight(params: Params, cfg: ModelConfig) -> jax.Array:
