@@ -17,7 +17,8 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def plot_curves(metrics: list[dict], path: str, dataset: str = "toy") -> None:
+def plot_curves(metrics: list[dict], path: str, dataset: str = "toy", eval_note: str = "",
+                rollout_note: str = "") -> None:
     """Held-out accuracy, response length and entropy vs step, as a PNG."""
     import matplotlib
     matplotlib.use("Agg")
@@ -28,12 +29,12 @@ def plot_curves(metrics: list[dict], path: str, dataset: str = "toy") -> None:
     train = [m for m in metrics if "response_length/mean" in m]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     if val:
-        axes[0].plot(*zip(*val), "o-", label=f"held-out {acc_key.split('/')[-1]}")
+        axes[0].plot(*zip(*val), "o-", label=f"held-out {acc_key.split('/')[-1]}{eval_note}")
     if train:
         rollout = [(m["step"], m["train/acc_before_filter"]) for m in train
                    if "train/acc_before_filter" in m]
         if rollout:
-            axes[0].plot(*zip(*rollout), alpha=0.6, label="rollout accuracy")
+            axes[0].plot(*zip(*rollout), alpha=0.6, label=f"rollout accuracy{rollout_note}")
         axes[1].plot([m["step"] for m in train], [m["response_length/mean"] for m in train])
         axes[2].plot([m["step"] for m in train], [m.get("actor/entropy", 0.0) for m in train])
     axes[0].set(title="accuracy", xlabel="step", ylim=(0, 1))
@@ -46,6 +47,14 @@ def plot_curves(metrics: list[dict], path: str, dataset: str = "toy") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def heldout_summary(metrics: list[dict], dataset: str = "toy"
+                    ) -> tuple[str, tuple[int, float], tuple[int, float]] | None:
+    """(metric key, (first step, accuracy), (last step, accuracy)) of the validations, if two or more."""
+    key = _acc_key(metrics, dataset)
+    val = [(m["step"], m[key]) for m in metrics if key and key in m]
+    return (key, val[0], val[-1]) if len(val) >= 2 else None
 
 
 def _acc_key(metrics: list[dict], dataset: str) -> str | None:
@@ -80,14 +89,18 @@ def main(argv=None) -> int:
     trainer.close()
     metrics = read_metrics(args.workdir)
     png = os.path.join(args.workdir, "curves.png")
-    plot_curves(metrics, png)
-    key = _acc_key(metrics, "toy")
-    val = [(m["step"], m[key]) for m in metrics if key and key in m]
+    plot_curves(metrics, png,
+                eval_note=f" (T={config.eval.temperature:g}, top-p {config.eval.top_p:g})",
+                rollout_note=f" (T={config.rollout.temperature:g}, top-p {config.rollout.top_p:g})")
+    summary = heldout_summary(metrics, "toy")
     minutes = (time.time() - t0) / 60
-    if len(val) >= 2:
-        (s0, a0), (s1, a1) = val[0], val[-1]
+    if summary is not None:
+        key, (s0, a0), (s1, a1) = summary
+        best_step, best = max(((m["step"], m[key]) for m in metrics if key in m),
+                              key=lambda x: x[1])
         print(f"DAPO demo: held-out accuracy ({key.split('/')[-1]}) {a0:.3f} at step {s0} -> "
-              f"{a1:.3f} at step {s1} ({100 * (a1 - a0):+.1f} points) in {minutes:.1f} min; "
+              f"{a1:.3f} at step {s1} ({100 * (a1 - a0):+.1f} points; best {best:.3f} at step "
+              f"{best_step}) in {minutes:.1f} min; "
               f"curves in {png}; metrics in {os.path.join(args.workdir, 'metrics.jsonl')}")
     else:
         print(f"DAPO demo finished in {minutes:.1f} min; curves in {png}")
