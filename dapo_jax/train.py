@@ -20,6 +20,9 @@ flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of pr
 flags.DEFINE_integer("num_processes", None, "Multi-process: total number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 flags.DEFINE_bool("progress", None, "Progress bars (default: when stderr is a TTY).")
+flags.DEFINE_enum("library_log_level", "WARNING", ["DEBUG", "INFO", "WARNING", "ERROR"],
+                  "Log level of libraries (Orbax logs every checkpoint file at INFO); dapo_jax's own "
+                  "logs stay at INFO.")
 FLAGS = flags.FLAGS
 
 
@@ -33,7 +36,10 @@ def main(argv) -> None:
 
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (checkpoints, metrics and logs go there)")
-    logging.getLogger().setLevel(logging.INFO)
+    for name in ("", "absl"):  # Orbax logs through absl's logger
+        logging.getLogger(name).setLevel(FLAGS.library_log_level)
+    for name in ("dapo_jax", "data_pipeline"):
+        logging.getLogger(name).setLevel(logging.INFO)
     distributed.check_shared_directory(FLAGS.workdir)
     is_main = jax.process_index() == 0
     # One progress bar per job, not per host (process 0 also prints the step lines).
