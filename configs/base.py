@@ -127,7 +127,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.warm_start.steps = 0
     c.warm_start.batch_size = 64
     c.warm_start.lr = 3e-3
-    # Fraction of worked solutions ending "So the result is N." instead of the DAPO "Answer: N" line.
+    # Share of warm-start draws whose target is a bare "So the result is N." (unreadable by the DAPO
+    # reward) instead of the worked solution ending in the "Answer: N" line.
     c.warm_start.format_noise = 0.0
 
     c.eval = ml_collections.ConfigDict()

@@ -87,5 +87,11 @@ def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None
            "must be 'math_dapo' or 'math_verify'", p)
     _check(0 < c.eval.top_p <= 1, "eval.top_p", "must be in (0, 1]", p)
     _check(c.eval.n >= 1, "eval.n", "must be >= 1", p)
+    ws = c.get("warm_start")
+    if ws is not None:
+        _check(0.0 <= ws.format_noise <= 1.0, "warm_start.format_noise",
+               "must be in [0, 1] (share of warm-start draws with an unreadable bare answer)", p)
+        _check(ws.steps == 0 or (ws.batch_size >= 1 and ws.lr > 0), "warm_start",
+               "with warm_start.steps > 0, batch_size must be >= 1 and lr > 0", p)
     if p:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(p))

@@ -63,9 +63,11 @@ def test_validation_lists_every_bad_field_with_the_fix():
     c.trainer.mini_batch_size = 100
     c.algo.loss_agg_mode = "sequence-mean"
     c.rollout.top_p = 0.0
+    c.warm_start.format_noise = 1.5
     with pytest.raises(ConfigError) as err:
         validate_config(c)
     msg = str(err.value)
+    assert "config.warm_start.format_noise: must be in [0, 1]" in msg
     assert "config.trainer.mini_batch_size: must divide train_batch_size * rollout.n = 128" in msg
     assert "config.algo.loss_agg_mode" in msg and "token-mean" in msg
     assert "config.rollout.top_p" in msg

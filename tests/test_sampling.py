@@ -7,6 +7,7 @@ import pytest
 from scipy import stats
 
 from dapo_jax.sampler import SamplingParams, sample_tokens
+from dapo_jax.sampler.sampling import TOP_P_CANDIDATES
 
 LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
 N = 20_000
@@ -60,3 +61,44 @@ def test_greedy_picks_argmax_and_bad_params_are_rejected():
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+def _numpy_target(logits: np.ndarray, top_p: float) -> np.ndarray:
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        keep = np.zeros(p.shape, bool)
+        keep[order] = (np.cumsum(p[order]) - p[order]) < top_p
+        p = np.where(keep, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+@pytest.mark.parametrize("scale,top_p", [(3.0, 1.0), (2.0, 0.8), (0.05, 0.5)],
+                         ids=["wide-vocab", "top-p-from-candidates", "top-p-full-sort-fallback"])
+def test_two_stage_draws_over_a_padded_vocab_match_the_distribution(scale, top_p):
+    # 1000 tokens: 32 blocks of 32 with 24 padded slots, so the block stage and the padding matter.
+    # A flat distribution (scale 0.05) puts top_p outside the 256 top-p candidates: full-sort path.
+    logits = np.random.RandomState(3).randn(1000) * scale
+    params = SamplingParams(temperature=1.0, top_p=top_p)
+    keys = jax.random.split(jax.random.key(7), N)
+    batch = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (N, logits.size))
+    tokens, sample_lp, policy_lp = jax.jit(lambda k, l: sample_tokens(l, k, params))(keys, batch)
+    tokens = np.asarray(tokens)
+    target = _numpy_target(logits, top_p)
+    if top_p < 1.0:  # the case exercises the path its name says
+        top_mass = np.sort(_numpy_target(logits, 1.0))[::-1][:TOP_P_CANDIDATES].sum()
+        assert (top_mass >= top_p) == (scale > 1), top_mass
+        assert (target > 0).sum() > 3
+    counts = np.bincount(tokens, minlength=logits.size)
+    assert tokens.max() < logits.size and counts[target == 0].sum() == 0
+    # Chi-square over tokens expected >= 5 times, the rest pooled into one bin.
+    big = target * N >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(target[big], target[~big].sum()) * N
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    assert stats.chisquare(obs, exp).pvalue > 1e-3
+    np.testing.assert_allclose(np.asarray(sample_lp), np.log(target[tokens]), atol=1e-4)
+    full = logits - np.log(np.exp(logits).sum())
+    np.testing.assert_allclose(np.asarray(policy_lp), full[tokens], atol=1e-4)
