@@ -58,6 +58,13 @@ class ResultTokens:
         return {f.name: getattr(self, f.name)[:, slot] for f in dataclasses.fields(self)}
 
 
+@jax.jit
+def _sample_keys(base, request_ids, sample_ids):
+    keys = jax.vmap(lambda r, i: jax.random.fold_in(jax.random.fold_in(base, r), i))(request_ids,
+                                                                                   sample_ids)
+    return jax.random.key_data(keys)
+
+
 def prefill_buckets(max_prefill_length: int, min_bucket: int = 16) -> list[int]:
     """Powers of two from `min_bucket` up to (and including) `max_prefill_length`."""
     buckets = []
@@ -233,7 +240,25 @@ class Engine:
                               sampling_logprobs=one(first["sampling_logprob"]))
         return prefix, result
 
-    def _build_prefill(self, bucket: int):
+    def prefill_prefix(self, params: Params, padded_tokens: jax.Array | np.ndarray,
+                       true_length: int) -> Prefix:
+        """`prefill` without the first token: the prefix only, and no host sync.
+
+        `insert` resumes each slot from the prompt's last token, so a driver that inserts every
+        prefix needs no first token; skipping its sampling and the device-to-host copy lets the next
+        prompt's prefill be dispatched while this one runs.
+        """
+        bucket = int(np.shape(padded_tokens)[0])
+        if bucket not in self.buckets:
+            raise ValueError(f"padded_tokens length {bucket} is not a prefill bucket {self.buckets}; "
+                             "use Engine.pad_tokens")
+        key = ("prefix", bucket)
+        if key not in self._prefill:
+            self._prefill[key] = self._build_prefill(bucket, first_token=False)
+        return self._prefill[key](params, jnp.asarray(padded_tokens, jnp.int32),
+                                  jnp.int32(true_length))
+
+    def _build_prefill(self, bucket: int, first_token: bool = True):
         cfg, sp, mesh, rules = self.config, self.sampling, self.mesh, self.rules
         kv_sh = named_sharding(mesh, ("layers", None, None, "act_kv_heads", "head_dim"),
                                (cfg.num_layers, 1, bucket, cfg.num_kv_heads, cfg.head_dim), rules)
@@ -246,14 +271,19 @@ class Engine:
             mask = (jnp.arange(bucket) < true_length).astype(jnp.int32)[None]
             hidden, cache = decoder_apply(params, cfg, tokens[None], mask, cache=cache, mesh=mesh,
                                           rules=rules)
+            prefix = {"k": cache["k"], "v": cache["v"], "true_length": true_length,
+                      "last_token": tokens[true_length - 1]}
+            if not first_token:
+                return prefix
             last = jax.lax.dynamic_index_in_dim(hidden[0], true_length - 1, keepdims=False)
             logits = lm_logits(params, cfg, last[None])
             tok, slp, plp = sample_tokens(logits, jax.random.wrap_key_data(key)[None], sp)
-            prefix = {"k": cache["k"], "v": cache["v"], "true_length": true_length,
-                      "last_token": tokens[true_length - 1]}
             return prefix, {"token": tok[0], "logprob": plp[0], "sampling_logprob": slp[0]}
 
         prefix_sh = {"k": kv_sh, "v": kv_sh, "true_length": rep, "last_token": rep}
+        if not first_token:
+            return jax.jit(lambda params, tokens, true_length: fn(params, tokens, true_length, None),
+                           in_shardings=(self.param_shardings, rep, rep), out_shardings=prefix_sh)
         return jax.jit(fn, in_shardings=(self.param_shardings, rep, rep, rep),
                        out_shardings=(prefix_sh, {"token": rep, "logprob": rep,
                                                   "sampling_logprob": rep}))
@@ -371,9 +401,21 @@ class Engine:
     @staticmethod
     def sample_keys(seed: int, request_id: int, num_samples: int) -> np.ndarray:
         """Raw PRNG keys [n, 2] of a request's samples: functions of (seed, request, index) only."""
-        base = jax.random.fold_in(jax.random.key(seed), request_id)
-        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(num_samples))
-        return np.asarray(jax.random.key_data(keys))
+        return Engine.sample_keys_many(seed, [num_samples], first_request_id=request_id)[0]
+
+    @staticmethod
+    def sample_keys_many(seed: int, num_samples: Sequence[int], first_request_id: int = 0
+                         ) -> list[np.ndarray]:
+        """`sample_keys` for consecutive requests in one device call (one list entry per request)."""
+        total = int(sum(num_samples))
+        width = 1 << max(0, (total - 1).bit_length())  # powers of two: few compiles
+        rids = np.zeros((width,), np.int32)
+        idx = np.zeros((width,), np.int32)
+        rids[:total] = np.repeat(np.arange(len(num_samples)) + first_request_id, num_samples)
+        if total:
+            idx[:total] = np.concatenate([np.arange(n) for n in num_samples])
+        keys = np.asarray(_sample_keys(jax.random.key(seed), jnp.asarray(rids), jnp.asarray(idx)))
+        return np.split(keys[:total], np.cumsum(num_samples)[:-1])
 
     def compile_count(self) -> int:
         """Number of compiled executables across the engine's jitted steps."""
