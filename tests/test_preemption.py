@@ -18,7 +18,8 @@ from scripts import multihost_check as mc
 # the end is the one the SIGTERM forces.
 TOTAL_STEPS = 6
 OVERRIDES = mc.toy_overrides({"mesh.num_devices": 1, "mesh.fsdp": -1, "mesh.tensor": 1,
-                              "trainer.total_steps": TOTAL_STEPS, "trainer.save_every": 1000})
+                              "trainer.total_steps": TOTAL_STEPS, "trainer.save_every": 1000,
+                              "seed": 2})
 # Compiled steps take ~0.1 s here: the run to be preempted gets a horizon it cannot reach before the
 # signal lands. total_steps changes nothing else (no decay schedule, endless data).
 UNREACHABLE = {**OVERRIDES, "trainer.total_steps": 999}
@@ -50,8 +51,9 @@ def test_sigterm_mid_run_checkpoints_and_the_restart_matches_the_uninterrupted_r
     full = Trainer(mc.make_config(OVERRIDES), str(tmp_path / "full"), progress=False)
     reference = full.train()
     full.close()
-    # Groups are carried over after steps 1 and 2: the checkpoint at the stop holds pending groups.
-    assert [r["dynamic_sampling/carried_over_groups"] for r in reference[:2]] == [1, 2]
+    # With this seed, groups are carried over after each of steps 1-3: the checkpoint at the stop
+    # holds pending groups.
+    assert all(r["dynamic_sampling/carried_over_groups"] > 0 for r in reference[:3]), reference[:3]
 
     workdir = tmp_path / "preempted"
     procs, logs = mc.start(workdir, UNREACHABLE, devices_per_process=8,
