@@ -158,11 +158,14 @@ class Engine:
         dt = jnp_dtype(self.config.dtype)
         stacked = not isinstance(params["layers"], (list, tuple))
         if self._cast is None:
-            # Cast (and unstack) where the weights are (output keeps the input's layout), then reshard.
             def cast(p):
                 p = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating)
                                  else x, p)
                 return unstack_layers(p) if self.per_layer_weights else p
+            # On the engine's own devices: cast, unstack and reshard in one compiled program, so
+            # every process of a multi-host job runs the same collectives in the same order.
+            self._cast_to_layout = jax.jit(cast, out_shardings=self.param_shardings)
+            # Weights elsewhere (host, another mesh): cast in place, then device_put.
             self._cast = jax.jit(cast)
         needs_cast = any(x.dtype != dt for x in jax.tree.leaves(params)
                          if jnp.issubdtype(x.dtype, jnp.floating))
@@ -170,6 +173,10 @@ class Engine:
             if not stacked and not self.per_layer_weights:
                 raise ValueError("per-layer parameters given to an Engine built with "
                                  "per_layer_weights=False; pass the stacked layout")
+            mesh_devices = set(self.mesh.devices.flat)
+            if all(isinstance(x, jax.Array) and x.sharding.device_set == mesh_devices
+                   for x in jax.tree.leaves(params)):
+                return self._cast_to_layout(params)
             params = self._cast(params)
         return jax.device_put(params, self.param_shardings)
 
