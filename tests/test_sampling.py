@@ -102,3 +102,17 @@ def test_two_stage_draws_over_a_padded_vocab_match_the_distribution(scale, top_p
     np.testing.assert_allclose(np.asarray(sample_lp), np.log(target[tokens]), atol=1e-4)
     full = logits - np.log(np.exp(logits).sum())
     np.testing.assert_allclose(np.asarray(policy_lp), full[tokens], atol=1e-4)
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_bisection_cutoff_equals_the_sorted_cutoff(top_p):
+    from dapo_jax.sampler.sampling import _nucleus_cutoff, _nucleus_cutoff_by_bisection
+    rng = np.random.RandomState(int(top_p * 1000))
+    x = rng.randn(6, 700).astype(np.float32) * np.array([[0.01], [0.3], [1], [3], [10], [1]], np.float32)
+    x[5, :300] = np.round(x[5, :300])  # many ties
+    x[1, :50] = np.finfo(np.float32).min  # excluded by an earlier top-k
+    x = jnp.asarray(x)
+    lse = jax.nn.logsumexp(x, axis=-1, keepdims=True)
+    want = _nucleus_cutoff(jnp.sort(x, axis=-1)[..., ::-1], lse, top_p)
+    got = jax.jit(_nucleus_cutoff_by_bisection, static_argnums=2)(x, lse, top_p)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
