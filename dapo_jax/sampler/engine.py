@@ -229,10 +229,7 @@ class Engine:
         The prefix holds the prompt's KV cache; `insert` resumes each slot from the prompt's last
         token, so the n slots that share one prefix draw their first tokens independently.
         """
-        bucket = int(np.shape(padded_tokens)[0])
-        if bucket not in self.buckets:
-            raise ValueError(f"padded_tokens length {bucket} is not a prefill bucket {self.buckets}; "
-                             "use Engine.pad_tokens")
+        bucket = self._check_bucket(padded_tokens)
         if bucket not in self._prefill:
             self._prefill[bucket] = self._build_prefill(bucket)
         key = jax.random.key_data(key) if key is not None else jnp.zeros((2,), jnp.uint32)
@@ -247,6 +244,13 @@ class Engine:
                               sampling_logprobs=one(first["sampling_logprob"]))
         return prefix, result
 
+    def _check_bucket(self, padded_tokens) -> int:
+        bucket = int(np.shape(padded_tokens)[0])
+        if bucket not in self.buckets:
+            raise ValueError(f"padded_tokens length {bucket} is not a prefill bucket {self.buckets}; "
+                             "use Engine.pad_tokens")
+        return bucket
+
     def prefill_prefix(self, params: Params, padded_tokens: jax.Array | np.ndarray,
                        true_length: int) -> Prefix:
         """`prefill` without the first token: the prefix only, and no host sync.
@@ -255,10 +259,7 @@ class Engine:
         prefix needs no first token; skipping its sampling and the device-to-host copy lets the next
         prompt's prefill be dispatched while this one runs.
         """
-        bucket = int(np.shape(padded_tokens)[0])
-        if bucket not in self.buckets:
-            raise ValueError(f"padded_tokens length {bucket} is not a prefill bucket {self.buckets}; "
-                             "use Engine.pad_tokens")
+        bucket = self._check_bucket(padded_tokens)
         key = ("prefix", bucket)
         if key not in self._prefill:
             self._prefill[key] = self._build_prefill(bucket, first_token=False)
