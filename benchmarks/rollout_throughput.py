@@ -31,7 +31,8 @@ import numpy as np
 from benchmarks import common
 from dapo_jax import models
 from dapo_jax.models.config import DTYPES, ModelConfig
-from dapo_jax.sampler import Engine, RolloutDriver, RolloutRequest, SamplingParams
+from dapo_jax.sampler import (OUT_MAJOR_CHOICES, Engine, RolloutDriver, RolloutRequest,
+                              SamplingParams, out_major_option)
 
 SAMPLING = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, greedy=False)
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -64,6 +65,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps_per_sync", type=int, default=8, help="our decode steps per host sync")
     p.add_argument("--stacked_weights", action="store_true",
                    help="decode from stacked layer weights (Engine per_layer_weights=False)")
+    p.add_argument("--out_major", default="auto", choices=sorted(OUT_MAJOR_CHOICES),
+                   help="kernels stored [out, in] (W x^T matmuls); auto = on for CPU only")
     p.add_argument("--skip_hf", action="store_true",
                    help="time only our engine (e.g. on GPU/TPU, where CPU transformers is no baseline)")
     p.add_argument("--matmul_n", type=int, default=None,
@@ -169,7 +172,8 @@ def run_ours(cfg: ModelConfig, params: dict, prompts: np.ndarray, new_tokens: in
                     max_target_length=prompt_len + new_tokens,
                     stop_token_ids=[cfg.vocab_size],  # outside the vocabulary: never sampled
                     sampling=SAMPLING, cache_dtype=args.cache_dtype,
-                    per_layer_weights=not args.stacked_weights)
+                    per_layer_weights=not args.stacked_weights,
+                    out_major_weights=out_major_option(args.out_major))
     driver = RolloutDriver(engine, params, steps_per_sync=args.steps_per_sync, progress=False)
     requests = [RolloutRequest([int(t) for t in p], n=1, max_new_tokens=new_tokens) for p in prompts]
     t0 = time.perf_counter()
@@ -191,6 +195,7 @@ def run_ours(cfg: ModelConfig, params: dict, prompts: np.ndarray, new_tokens: in
     leaves = jax.tree.leaves(driver.params)
     return {"param_bytes": sum(x.nbytes for x in leaves),
             "param_dtypes": sorted({str(x.dtype) for x in leaves}), "wall_s": wall, "tokens": total,
+            "out_major_weights": engine.out_major_weights,
             "tokens_per_s": total / wall, "warmup_s": warmup_s,
             "prefill_s": st["prefill_s"], "insert_s": st["insert_s"], "decode_s": st["decode_s"],
             "decode_steps": st["decode_steps"], "decode_tokens_per_s": st["decode_tokens_per_s"],
@@ -238,7 +243,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         del hf_model, params
     return {"benchmark": "rollout_throughput", "environment": env,
             "config": {k: getattr(args, k) for k in ("presets", "batches", "prompt_len", "new_tokens",
-                                                     "dtype", "cache_dtype",
+                                                     "dtype", "cache_dtype", "out_major",
                                                      "steps_per_sync", "skip_hf", "seed")},
             "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
             "device_spec": None if spec is None else vars(spec),
@@ -275,7 +280,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"Each sequence: {c['prompt_len']}-token random prompt, exactly {c['new_tokens']} sampled "
         "tokens (temperature 1, top-p 1, no top-k). tok/s = generated tokens / wall time of the whole call "
         "(prefill included, warm-up and compilation excluded). Ours: "
-        f"dtype {c['dtype']}, weights held in {weights}, KV cache {c['cache_dtype']}, "
+        f"dtype {c['dtype']}, weights held in {weights}"
+        f"{' as [out, in] kernels' if all(row['ours']['out_major_weights'] for row in r['rows']) else ''}"
+        f", KV cache {c['cache_dtype']}, "
         f"steps_per_sync {c['steps_per_sync']}; transformers: float32, torch threads = cpu_count.",
         "ours decode tok/s and ms/step time only the decode loop (no prefill or insert). "
         f"compute-ideal ms/step = decode-step FLOPs / measured {c['dtype']} matmul peak "

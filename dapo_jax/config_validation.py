@@ -6,6 +6,7 @@ import ml_collections
 
 from dapo_jax.algo import LOSS_AGG_MODES
 from dapo_jax.models.config import DTYPES, PRESETS, REMAT_POLICIES
+from dapo_jax.sampler.engine import OUT_MAJOR_CHOICES
 
 
 class ConfigError(ValueError):
@@ -25,6 +26,8 @@ def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None
     for key in ("param_dtype", "dtype"):
         _check(c.model[key] in DTYPES, f"model.{key}", f"must be one of {DTYPES}", p)
     _check(c.rollout.cache_dtype in DTYPES, "rollout.cache_dtype", f"must be one of {DTYPES}", p)
+    _check(c.rollout.get("out_major_weights", "auto") in OUT_MAJOR_CHOICES,
+           "rollout.out_major_weights", f"must be one of {sorted(OUT_MAJOR_CHOICES)}", p)
     _check(c.model.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}", p)
     t, a, r, d = c.trainer, c.algo, c.rollout, c.data
     _check(d.max_prompt_length > 0, "data.max_prompt_length", "must be positive", p)

@@ -114,7 +114,7 @@ def run(config, *, checkpoint: str | None, step: int | None, responses: str | No
     from dapo_jax import models
     from dapo_jax.eval import report
     from dapo_jax.models.sharding import make_mesh
-    from dapo_jax.sampler import Engine, RolloutDriver, SamplingParams
+    from dapo_jax.sampler import Engine, RolloutDriver, SamplingParams, out_major_option
 
     results: dict[str, Any] = {}
     if responses:
@@ -144,7 +144,9 @@ def run(config, *, checkpoint: str | None, step: int | None, responses: str | No
     engine = Engine(cfg, max_concurrent_decodes=config.rollout.max_concurrent_decodes,
                     max_prefill_length=P, max_target_length=P + R, stop_token_ids=stop,
                     pad_token_id=pad, mesh=mesh, cache_dtype=config.rollout.cache_dtype,
-                    per_layer_weights=config.rollout.per_layer_weights)
+                    per_layer_weights=config.rollout.per_layer_weights,
+                    out_major_weights=out_major_option(
+                        config.rollout.get("out_major_weights", "auto")))
     driver = RolloutDriver(engine, params, steps_per_sync=config.rollout.steps_per_sync,
                            tokenizer=tokenizer, progress=progress)
     sampling = SamplingParams(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k)

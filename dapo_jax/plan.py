@@ -34,7 +34,7 @@ from dapo_jax.models import hf_checkpoint
 from dapo_jax.models.config import ModelConfig, from_hf_config, preset
 from dapo_jax.models.qwen2 import jnp_dtype, param_shapes
 from dapo_jax.models.sharding import MESH_AXES, make_mesh
-from dapo_jax.sampler.engine import Engine
+from dapo_jax.sampler.engine import Engine, out_major_option
 from dapo_jax.sampler.sampling import SamplingParams
 from dapo_jax.topology import GIB, Topology, custom_topology, parse_topology
 from dapo_jax.train_step import LossSettings, batch_spec, build_update_fn, make_optimizer
@@ -100,6 +100,7 @@ class Shapes:
     slots: int
     steps_per_sync: int
     per_layer_weights: bool = True
+    out_major_weights: bool | None = None  # None: the engine's default for the target platform
 
     @property
     def batch_shards(self) -> int:
@@ -350,7 +351,8 @@ def _engine(cfg: ModelConfig, mesh: Mesh, shapes: Shapes, sampling: SamplingPara
     return Engine(cfg, max_concurrent_decodes=shapes.slots, max_prefill_length=shapes.prompt_len,
                   max_target_length=shapes.seq_len, stop_token_ids=stop,
                   sampling=sampling or SamplingParams(), mesh=mesh, cache_dtype=shapes.cache_dtype,
-                  per_layer_weights=shapes.per_layer_weights)
+                  per_layer_weights=shapes.per_layer_weights,
+                  out_major_weights=shapes.out_major_weights)
 
 
 def _abstract_decode_state(engine: Engine) -> Any:
@@ -433,7 +435,9 @@ def measure(config, devices: Sequence[jax.Device] | None = None) -> Measurement:
                     num_micro=num_micro, seq_len=prompt + int(config.data.max_response_length),
                     prompt_len=prompt, slots=int(config.rollout.max_concurrent_decodes),
                     steps_per_sync=max(1, int(config.rollout.steps_per_sync)),
-                    per_layer_weights=bool(config.rollout.get("per_layer_weights", True)))
+                    per_layer_weights=bool(config.rollout.get("per_layer_weights", True)),
+                    out_major_weights=out_major_option(
+                        config.rollout.get("out_major_weights", "auto")))
     o = config.optim
     tx = make_optimizer(weight_decay=float(o.weight_decay), grad_clip=float(o.grad_clip),
                         b1=float(o.b1), b2=float(o.b2), eps=float(o.eps))

@@ -36,7 +36,8 @@ from dapo_jax.host_transfer import to_host, tree_to_host
 from dapo_jax.metrics_writer import MetricsWriter, peak_flops_per_device
 from dapo_jax.models.sharding import make_mesh
 from dapo_jax.rewards.batch import score_batch
-from dapo_jax.sampler import Engine, RolloutDriver, RolloutRequest, SamplingParams
+from dapo_jax.sampler import (Engine, RolloutDriver, RolloutRequest, SamplingParams,
+                              out_major_option)
 from dapo_jax.train_step import (LossSettings, batch_spec, build_logprob_fn, build_update_fn,
                                  init_opt_state, lr_schedule, make_optimizer)
 
@@ -104,7 +105,8 @@ class Trainer:
                              max_prefill_length=self.P, max_target_length=self.P + self.R,
                              stop_token_ids=self.stop_ids, pad_token_id=self.pad_id,
                              sampling=self.train_sampling, mesh=self.mesh, cache_dtype=r.cache_dtype,
-                             per_layer_weights=r.per_layer_weights)
+                             per_layer_weights=r.per_layer_weights,
+                             out_major_weights=out_major_option(r.get("out_major_weights", "auto")))
         self.driver = RolloutDriver(self.engine, self.params, steps_per_sync=r.steps_per_sync,
                                     tokenizer=self.tokenizer, progress=self.progress)
 

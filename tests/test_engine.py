@@ -21,9 +21,11 @@ def _prompts(vocab, lengths=(5, 9, 3, 12, 7), seed=0):
     return [[int(t) for t in rng.randint(3, vocab, size=n)] for n in lengths]
 
 
-def _driver(cfg, params, *, slots=4, sampling=GREEDY, mesh=None, steps=4, per_layer=True):
+def _driver(cfg, params, *, slots=4, sampling=GREEDY, mesh=None, steps=4, per_layer=True,
+            out_major=None):
     eng = Engine(cfg, max_concurrent_decodes=slots, max_prefill_length=16, max_target_length=48,
-                 stop_token_ids=[EOS], sampling=sampling, mesh=mesh, per_layer_weights=per_layer)
+                 stop_token_ids=[EOS], sampling=sampling, mesh=mesh, per_layer_weights=per_layer,
+                 out_major_weights=out_major)
     return RolloutDriver(eng, params, steps_per_sync=steps, progress=False)
 
 
@@ -122,18 +124,26 @@ def test_update_params_changes_outputs_without_recompiling(tiny, hf_checkpoints)
     assert after == _tokens(_driver(cfg, other).generate(reqs))  # as the new weights dictate
 
 
-def test_stacked_and_per_layer_weight_layouts_decode_identically(tiny):
+def test_weight_layouts_decode_identically(tiny):
+    """Per-layer vs stacked weights, [out, in] vs [in, out] kernels: same tokens and log-probs."""
     model, cfg, _ = tiny
     reqs = [RolloutRequest(p, n=2, max_new_tokens=8) for p in _prompts(cfg.vocab_size)]
     per_layer = _driver(cfg, model, sampling=SAMPLE)
+    assert per_layer.engine.out_major_weights  # the CPU default
     stacked = _driver(cfg, model, sampling=SAMPLE, per_layer=False)
+    in_out = _driver(cfg, model, sampling=SAMPLE, out_major=False)
     assert isinstance(per_layer.params["layers"], tuple)
     assert isinstance(stacked.params["layers"], dict)
-    a, b = per_layer.generate(reqs, seed=3), stacked.generate(reqs, seed=3)
-    assert _tokens(a) == _tokens(b)
-    for x, y in zip(a.samples, b.samples):
-        for s1, s2 in zip(x, y):
-            np.testing.assert_allclose(s1.logprobs, s2.logprobs, atol=1e-5)
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    assert per_layer.params["layers"][0]["gate_kernel"].shape == (F, D)
+    assert in_out.params["layers"][0]["gate_kernel"].shape == (D, F)
+    a = per_layer.generate(reqs, seed=3)
+    for other in (stacked, in_out):
+        b = other.generate(reqs, seed=3)
+        assert _tokens(a) == _tokens(b)
+        for x, y in zip(a.samples, b.samples):
+            for s1, s2 in zip(x, y):
+                np.testing.assert_allclose(s1.logprobs, s2.logprobs, atol=1e-5)
     # Per-layer weights are accepted as input too; a stacked engine refuses them with a clear error.
     per_layer.update_params(per_layer.params)
     with pytest.raises(ValueError, match="per_layer_weights=False"):

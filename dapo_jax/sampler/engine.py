@@ -21,10 +21,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dapo_jax.host_transfer import tree_to_host
-from dapo_jax.models import hf_checkpoint
 from dapo_jax.models.config import ModelConfig
-from dapo_jax.models.qwen2 import (Params, decoder_apply, jnp_dtype, lm_logits, param_shapes,
-                                   unstack_layers)
+from dapo_jax.models.qwen2 import (Params, decoder_apply, jnp_dtype, lm_logits, param_logical_axes,
+                                   param_shapes, transpose_kernels, unstack_layers)
 from dapo_jax.models.sharding import DEFAULT_RULES, make_mesh, named_sharding
 from dapo_jax.sampler.sampling import SamplingParams, sample_tokens
 
@@ -65,6 +64,20 @@ def _sample_keys(base, request_ids, sample_ids):
     return jax.random.key_data(keys)
 
 
+# Config values of `rollout.out_major_weights` -> Engine(out_major_weights=...).
+OUT_MAJOR_CHOICES = {"auto": None, "on": True, "off": False}
+
+
+def out_major_option(value: str | bool | None) -> bool | None:
+    """Maps a config value ("auto" | "on" | "off", or a bool / None) to the Engine argument."""
+    if value is None or isinstance(value, bool):
+        return value
+    if value not in OUT_MAJOR_CHOICES:
+        raise ValueError(f"rollout.out_major_weights must be one of {sorted(OUT_MAJOR_CHOICES)}, "
+                         f"got {value!r}")
+    return OUT_MAJOR_CHOICES[value]
+
+
 def prefill_buckets(max_prefill_length: int, min_bucket: int = 16) -> list[int]:
     """Powers of two from `min_bucket` up to (and including) `max_prefill_length`."""
     buckets = []
@@ -84,7 +97,7 @@ class Engine:
                  pad_token_id: int = 0, sampling: SamplingParams = SamplingParams(),
                  mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None,
                  cache_dtype: str | None = None, min_prefill_bucket: int = 16,
-                 per_layer_weights: bool = True):
+                 per_layer_weights: bool = True, out_major_weights: bool | None = None):
         if max_prefill_length >= max_target_length:
             raise ValueError(f"max_target_length ({max_target_length}) must exceed max_prefill_length "
                              f"({max_prefill_length}): it is the prompt plus the generated tokens")
@@ -106,7 +119,18 @@ class Engine:
         # of copying its layer's slice first: 10-35% faster decoding on CPU (docs/benchmarks.md).
         # The cost is compile time linear in depth, like an unrolled loop.
         self.per_layer_weights = bool(per_layer_weights)
-        stacked = hf_checkpoint.param_shardings(model_config, self.mesh, self.rules)
+        # Kernels stored [out, in] so that every matmul computes W x^T (models.qwen2.project):
+        # XLA:CPU's dot streams the weights 1.8x faster so at decode batch sizes. Default: CPU only.
+        if out_major_weights is None:
+            out_major_weights = self.mesh.devices.flat[0].platform == "cpu"
+        self.out_major_weights = bool(out_major_weights)
+        axes, shapes = param_logical_axes(model_config), param_shapes(model_config)
+        if self.out_major_weights:
+            axes, shapes = (transpose_kernels(axes, model_config),
+                            transpose_kernels(shapes, model_config))
+        self._layout_shapes = shapes
+        stacked = jax.tree.map(lambda a, sh: named_sharding(self.mesh, a, sh, self.rules), axes,
+                               shapes, is_leaf=lambda x: isinstance(x, tuple))
         if self.per_layer_weights:
             per_layer = jax.tree.map(lambda sh: NamedSharding(self.mesh, PartitionSpec(*sh.spec[1:])),
                                      stacked["layers"])
@@ -148,42 +172,55 @@ class Engine:
 
     # -- JetStream methods ---------------------------------------------------------------------
     def load_params(self, params: Params | Any) -> Params:
-        """Places parameters (a dict or an NNX model, any layout) in the sampling layout.
+        """Places parameters (a dict or an NNX model, training layout) in the sampling layout.
 
-        Floating weights are stored in the compute dtype (`model_config.dtype`): decoding casts to it
-        anyway, so float32 training weights cost half the memory in the sampler under bf16 compute.
+        The sampling layout stores floating weights in the compute dtype (`model_config.dtype`):
+        decoding casts to it anyway, so float32 training weights cost half the memory in the sampler
+        under bf16 compute. Layers become separate arrays and kernels [out, in] when the engine is
+        built so. Parameters already in the sampling layout (an earlier result) are placed as they are.
         """
         if hasattr(params, "params") and callable(params.params):
             params = params.params()
-        dt = jnp_dtype(self.config.dtype)
-        stacked = not isinstance(params["layers"], (list, tuple))
+        if self._in_sampling_layout(params):
+            return jax.device_put(params, self.param_shardings)
+        if isinstance(params["layers"], (list, tuple)) and not self.per_layer_weights:
+            raise ValueError("per-layer parameters given to an Engine built with "
+                             "per_layer_weights=False; pass the stacked layout")
         if self._cast is None:
-            def cast(p):
+            dt, cfg = jnp_dtype(self.config.dtype), self.config
+
+            def convert(p):
                 p = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating)
                                  else x, p)
+                if self.out_major_weights:
+                    p = transpose_kernels(p, cfg)
                 return unstack_layers(p) if self.per_layer_weights else p
-            # On the engine's own devices: cast, unstack and reshard in one compiled program, so
-            # every process of a multi-host job runs the same collectives in the same order.
-            self._cast_to_layout = jax.jit(cast, out_shardings=self.param_shardings)
-            # Weights elsewhere (host, another mesh): cast in place, then device_put.
-            self._cast = jax.jit(cast)
-        needs_cast = any(x.dtype != dt for x in jax.tree.leaves(params)
-                         if jnp.issubdtype(x.dtype, jnp.floating))
-        if needs_cast or (stacked == self.per_layer_weights):
-            if not stacked and not self.per_layer_weights:
-                raise ValueError("per-layer parameters given to an Engine built with "
-                                 "per_layer_weights=False; pass the stacked layout")
-            mesh_devices = set(self.mesh.devices.flat)
-            if all(isinstance(x, jax.Array) and x.sharding.device_set == mesh_devices
-                   for x in jax.tree.leaves(params)):
-                return self._cast_to_layout(params)
-            params = self._cast(params)
-        return jax.device_put(params, self.param_shardings)
+            # On the engine's own devices: convert and reshard in one compiled program, so every
+            # process of a multi-host job runs the same collectives in the same order.
+            self._cast_to_layout = jax.jit(convert, out_shardings=self.param_shardings)
+            # Weights elsewhere (host, another mesh): convert where they are, then device_put.
+            self._cast = jax.jit(convert)
+        mesh_devices = set(self.mesh.devices.flat)
+        if all(isinstance(x, jax.Array) and x.sharding.device_set == mesh_devices
+               for x in jax.tree.leaves(params)):
+            return self._cast_to_layout(params)
+        return jax.device_put(self._cast(params), self.param_shardings)
+
+    def _in_sampling_layout(self, params: Params) -> bool:
+        """Whether `params` already has the sampling layout's structure, shapes and dtypes."""
+        want = self.abstract_params()
+        if jax.tree.structure(params) != jax.tree.structure(want):
+            return False
+        if not all(np.shape(x) == w.shape and x.dtype == w.dtype
+                   for x, w in zip(jax.tree.leaves(params), jax.tree.leaves(want))):
+            return False
+        # A degenerate config whose transposed kernels keep their shapes: take it as training layout.
+        return not (self.out_major_weights and param_shapes(self.config) == self._layout_shapes)
 
     def abstract_params(self) -> Params:
         """ShapeDtypeStructs of the parameters as `load_params` lays them out (for AOT compiles)."""
         cfg, dt = self.config, jnp_dtype(self.config.dtype)
-        shapes = param_shapes(cfg)
+        shapes = self._layout_shapes
         if self.per_layer_weights:
             shapes = dict(shapes, layers=tuple(
                 {k: v[1:] for k, v in shapes["layers"].items()} for _ in range(cfg.num_layers)))
@@ -268,6 +305,7 @@ class Engine:
 
     def _build_prefill(self, bucket: int, first_token: bool = True):
         cfg, sp, mesh, rules = self.config, self.sampling, self.mesh, self.rules
+        om = self.out_major_weights
         kv_sh = named_sharding(mesh, ("layers", None, None, "act_kv_heads", "head_dim"),
                                (cfg.num_layers, 1, bucket, cfg.num_kv_heads, cfg.head_dim), rules)
         rep = NamedSharding(mesh, PartitionSpec())
@@ -278,13 +316,13 @@ class Engine:
             cache = {"k": kv, "v": kv, "lengths": jnp.zeros((1,), jnp.int32)}
             mask = (jnp.arange(bucket) < true_length).astype(jnp.int32)[None]
             hidden, cache = decoder_apply(params, cfg, tokens[None], mask, cache=cache, mesh=mesh,
-                                          rules=rules)
+                                          rules=rules, out_major=om)
             prefix = {"k": cache["k"], "v": cache["v"], "true_length": true_length,
                       "last_token": tokens[true_length - 1]}
             if not first_token:
                 return prefix
             last = jax.lax.dynamic_index_in_dim(hidden[0], true_length - 1, keepdims=False)
-            logits = lm_logits(params, cfg, last[None])
+            logits = lm_logits(params, cfg, last[None], out_major=om)
             tok, slp, plp = sample_tokens(logits, jax.random.wrap_key_data(key)[None], sp)
             return prefix, {"token": tok[0], "logprob": plp[0], "sampling_logprob": slp[0]}
 
@@ -373,7 +411,7 @@ class Engine:
         return self._generate[sig](params, decode_state)
 
     def _build_generate(self, num_steps: int, sp: SamplingParams):
-        cfg, mesh, rules = self.config, self.mesh, self.rules
+        cfg, mesh, rules, om = self.config, self.mesh, self.rules, self.out_major_weights
         stop_ids = jnp.asarray(self.stop_token_ids, jnp.int32)
         max_len = self.max_target_length
 
@@ -381,8 +419,8 @@ class Engine:
             active = state["active"]
             hidden, cache = decoder_apply(params, cfg, state["tokens"][:, None],
                                           active[:, None].astype(jnp.int32), cache=state["cache"],
-                                          mesh=mesh, rules=rules)
-            logits = lm_logits(params, cfg, hidden[:, 0])
+                                          mesh=mesh, rules=rules, out_major=om)
+            logits = lm_logits(params, cfg, hidden[:, 0], out_major=om)
             keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(state["keys"]),
                                                 state["generated"])
             tok, slp, plp = sample_tokens(logits, keys, sp)
