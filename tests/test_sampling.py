@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from dapo_jax.sampler import SamplingParams, sample_tokens
-from dapo_jax.sampler.sampling import TOP_P_CANDIDATES
+from dapo_jax.sampler.sampling import TOP_P_CANDIDATES, _block_size
 
 LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
 N = 20_000
@@ -75,12 +75,15 @@ def _numpy_target(logits: np.ndarray, top_p: float) -> np.ndarray:
     return p
 
 
-@pytest.mark.parametrize("scale,top_p", [(3.0, 1.0), (2.0, 0.8), (0.05, 0.5)],
-                         ids=["wide-vocab", "top-p-from-candidates", "top-p-full-sort-fallback"])
-def test_two_stage_draws_over_a_padded_vocab_match_the_distribution(scale, top_p):
-    # 1000 tokens: 32 blocks of 32 with 24 padded slots, so the block stage and the padding matter.
-    # A flat distribution (scale 0.05) puts top_p outside the 256 top-p candidates: full-sort path.
-    logits = np.random.RandomState(3).randn(1000) * scale
+@pytest.mark.parametrize("vocab,scale,top_p", [
+    (997, 3.0, 1.0), (1000, 3.0, 1.0), (997, 2.0, 0.8), (997, 0.05, 0.5)],
+    ids=["padded-vocab", "divisor-blocks", "top-p-from-candidates", "top-p-full-sort-fallback"])
+def test_two_stage_draws_match_the_distribution(vocab, scale, top_p):
+    # 997 (prime): 32 blocks of 32 with 27 padded slots, so the block stage and the padding matter;
+    # 1000: 40 blocks of 25, reshaped in place. A flat distribution (scale 0.05) puts top_p outside
+    # the 256 top-p candidates: the bisection path.
+    assert _block_size(997) == 32 and _block_size(1000) == 25
+    logits = np.random.RandomState(3).randn(vocab) * scale
     params = SamplingParams(temperature=1.0, top_p=top_p)
     keys = jax.random.split(jax.random.key(7), N)
     batch = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (N, logits.size))
@@ -116,3 +119,23 @@ def test_bisection_cutoff_equals_the_sorted_cutoff(top_p):
     want = _nucleus_cutoff(jnp.sort(x, axis=-1)[..., ::-1], lse, top_p)
     got = jax.jit(_nucleus_cutoff_by_bisection, static_argnums=2)(x, lse, top_p)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_block_size_divides_real_vocabularies():
+    for vocab in (151936, 152064, 32000):  # Qwen2.5 small / large, Llama-2
+        b = _block_size(vocab)
+        assert vocab % b == 0 and vocab ** 0.5 / 4 <= b <= 4 * vocab ** 0.5, (vocab, b)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(greedy=True), SamplingParams(temperature=1.0), SamplingParams(temperature=0.7),
+    SamplingParams(temperature=1.0, top_k=5), SamplingParams(temperature=0.9, top_p=0.8)], ids=str)
+def test_vocab_major_logits_draw_the_same_tokens(params):
+    """The out-major engine samples [V, B] logits in place: same keys, same tokens and log-probs."""
+    logits = jnp.asarray(np.random.RandomState(5).randn(6, 1000) * 2, jnp.float32)
+    keys = jax.random.split(jax.random.key(11), 6)
+    rows = jax.jit(lambda k, l: sample_tokens(l, k, params))(keys, logits)
+    cols = jax.jit(lambda k, l: sample_tokens(l, k, params, vocab_axis=0))(keys, logits.T)
+    np.testing.assert_array_equal(np.asarray(rows[0]), np.asarray(cols[0]))
+    for a, b in zip(rows[1:], cols[1:]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

@@ -22,8 +22,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dapo_jax.host_transfer import tree_to_host
 from dapo_jax.models.config import ModelConfig
-from dapo_jax.models.qwen2 import (Params, decoder_apply, jnp_dtype, lm_logits, param_logical_axes,
-                                   param_shapes, transpose_kernels, unstack_layers)
+from dapo_jax.models.qwen2 import (Params, decoder_apply, jnp_dtype, lm_logits, lm_logits_vocab_major,
+                                   param_logical_axes, param_shapes, transpose_kernels,
+                                   unstack_layers)
 from dapo_jax.models.sharding import DEFAULT_RULES, make_mesh, named_sharding
 from dapo_jax.sampler.sampling import SamplingParams, sample_tokens
 
@@ -162,8 +163,8 @@ class Engine:
     # -- shardings -----------------------------------------------------------------------------
     def _state_shardings(self) -> DecodeState:
         cfg, s, m = self.config, self._slots, self.max_target_length
-        kv_shape = (cfg.num_layers, s, m, cfg.num_kv_heads, cfg.head_dim)
-        kv = named_sharding(self.mesh, ("layers", "cache_batch", "cache_seq", "act_kv_heads",
+        kv_shape = (cfg.num_layers, s, cfg.num_kv_heads, m, cfg.head_dim)
+        kv = named_sharding(self.mesh, ("layers", "cache_batch", "act_kv_heads", "cache_seq",
                                         "head_dim"), kv_shape, self.rules)
         vec = named_sharding(self.mesh, ("cache_batch",), (s,), self.rules)
         keys = named_sharding(self.mesh, ("cache_batch", None), (s, 2), self.rules)
@@ -234,7 +235,7 @@ class Engine:
         dt = jnp_dtype(self.cache_dtype)
 
         def make():
-            kv = jnp.zeros((cfg.num_layers, s, m, cfg.num_kv_heads, cfg.head_dim), dt)
+            kv = jnp.zeros((cfg.num_layers, s, cfg.num_kv_heads, m, cfg.head_dim), dt)
             z = jnp.zeros((s,), jnp.int32)
             return {"cache": {"k": kv, "v": kv, "lengths": z}, "tokens": z,
                     "active": jnp.zeros((s,), bool), "generated": z, "limit": z,
@@ -306,13 +307,13 @@ class Engine:
     def _build_prefill(self, bucket: int, first_token: bool = True):
         cfg, sp, mesh, rules = self.config, self.sampling, self.mesh, self.rules
         om = self.out_major_weights
-        kv_sh = named_sharding(mesh, ("layers", None, None, "act_kv_heads", "head_dim"),
-                               (cfg.num_layers, 1, bucket, cfg.num_kv_heads, cfg.head_dim), rules)
+        kv_sh = named_sharding(mesh, ("layers", None, "act_kv_heads", None, "head_dim"),
+                               (cfg.num_layers, 1, cfg.num_kv_heads, bucket, cfg.head_dim), rules)
         rep = NamedSharding(mesh, PartitionSpec())
 
         def fn(params, tokens, true_length, key):
             dt = jnp_dtype(self.cache_dtype)
-            kv = jnp.zeros((cfg.num_layers, 1, bucket, cfg.num_kv_heads, cfg.head_dim), dt)
+            kv = jnp.zeros((cfg.num_layers, 1, cfg.num_kv_heads, bucket, cfg.head_dim), dt)
             cache = {"k": kv, "v": kv, "lengths": jnp.zeros((1,), jnp.int32)}
             mask = (jnp.arange(bucket) < true_length).astype(jnp.int32)[None]
             hidden, cache = decoder_apply(params, cfg, tokens[None], mask, cache=cache, mesh=mesh,
@@ -322,8 +323,7 @@ class Engine:
             if not first_token:
                 return prefix
             last = jax.lax.dynamic_index_in_dim(hidden[0], true_length - 1, keepdims=False)
-            logits = lm_logits(params, cfg, last[None], out_major=om)
-            tok, slp, plp = sample_tokens(logits, jax.random.wrap_key_data(key)[None], sp)
+            tok, slp, plp = self._sample(params, last[None], jax.random.wrap_key_data(key)[None], sp)
             return prefix, {"token": tok[0], "logprob": plp[0], "sampling_logprob": slp[0]}
 
         prefix_sh = {"k": kv_sh, "v": kv_sh, "true_length": rep, "last_token": rep}
@@ -333,6 +333,13 @@ class Engine:
         return jax.jit(fn, in_shardings=(self.param_shardings, rep, rep, rep),
                        out_shardings=(prefix_sh, {"token": rep, "logprob": rep,
                                                   "sampling_logprob": rep}))
+
+    def _sample(self, params: Params, hidden: jax.Array, keys: jax.Array, sp: SamplingParams):
+        """(tokens, sampling log-probs, policy log-probs) for hidden states [B, D] (traced)."""
+        if self.out_major_weights:  # logits [V, B], sampled without a transpose
+            return sample_tokens(lm_logits_vocab_major(params, self.config, hidden), keys, sp,
+                                 vocab_axis=0)
+        return sample_tokens(lm_logits(params, self.config, hidden), keys, sp)
 
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int, *,
                key: jax.Array | None = None, max_new_tokens: int | None = None) -> DecodeState:
@@ -360,7 +367,7 @@ class Engine:
             key_arr = np.zeros((width, 2), np.uint32)
             key_arr[:n] = kd.reshape(n, 2)
         budget = self.max_target_length if max_new_tokens is None else int(max_new_tokens)
-        bucket = int(prefix["k"].shape[2])
+        bucket = int(prefix["k"].shape[3])
         sig = (bucket, width)
         if sig not in self._insert:
             self._insert[sig] = self._build_insert(bucket, width)
@@ -372,10 +379,10 @@ class Engine:
 
         def fn(prefix, state, slots, keys, budget):
             cache = state["cache"]
-            k = cache["k"].at[:, slots, :bucket].set(
+            k = cache["k"].at[:, slots, :, :bucket].set(
                 jnp.broadcast_to(prefix["k"], (prefix["k"].shape[0], width) + prefix["k"].shape[2:]),
                 mode="drop")
-            v = cache["v"].at[:, slots, :bucket].set(
+            v = cache["v"].at[:, slots, :, :bucket].set(
                 jnp.broadcast_to(prefix["v"], (prefix["v"].shape[0], width) + prefix["v"].shape[2:]),
                 mode="drop")
             start = prefix["true_length"] - 1  # resume from the last prompt token
@@ -420,10 +427,9 @@ class Engine:
             hidden, cache = decoder_apply(params, cfg, state["tokens"][:, None],
                                           active[:, None].astype(jnp.int32), cache=state["cache"],
                                           mesh=mesh, rules=rules, out_major=om)
-            logits = lm_logits(params, cfg, hidden[:, 0], out_major=om)
             keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(state["keys"]),
                                                 state["generated"])
-            tok, slp, plp = sample_tokens(logits, keys, sp)
+            tok, slp, plp = self._sample(params, hidden[:, 0], keys, sp)
             generated = state["generated"] + active.astype(jnp.int32)
             stop = jnp.isin(tok, stop_ids)
             done = active & (stop | (generated >= state["limit"]) | (cache["lengths"] >= max_len))

@@ -98,24 +98,44 @@ def sampling_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
 
 
 def _block_size(vocab: int) -> int:
-    """Power of two near sqrt(vocab): the two sampling stages then draw about 2 sqrt(V) numbers."""
-    return 1 << max(0, math.ceil(math.log2(math.sqrt(vocab))))
+    """Block length of the two-stage draw: near sqrt(vocab), so each stage draws about sqrt(V) numbers.
+
+    A divisor of the vocabulary within 4x of sqrt(V) when there is one (151,936 = 128 x 1187: 1187),
+    so the logits reshape into blocks in place; otherwise a power of two, and the logits get padded.
+    """
+    root = math.sqrt(vocab)
+    divisors = [d for d in range(max(1, math.ceil(root / 4)), math.floor(4 * root) + 1)
+                if vocab % d == 0]
+    if divisors:
+        return min(divisors, key=lambda d: (abs(math.log(d / root)), d))
+    return 1 << max(0, math.ceil(math.log2(root)))
 
 
-def _categorical(keys: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _categorical(keys: jax.Array, x: jax.Array, vocab_axis: int = -1
+                 ) -> tuple[jax.Array, jax.Array]:
     """Exact draws from softmax(x) per row, and each row's logsumexp [B].
 
-    Two-stage Gumbel-max: a block of the (padded) vocabulary by its total mass, then a token within
-    it. P(token) = P(block) P(token | block), so the law is exactly softmax(x), while the random
-    numbers drop from V to about 2 sqrt(V) per row: at V = 152k that removes most of a decode
-    step's sampling time on CPU.
+    x is [B, V], or [V, B] with `vocab_axis=0` (the out-major engine's logits: no transpose). Two-stage
+    Gumbel-max: a block of the vocabulary by its total mass, then a token within it.
+    P(token) = P(block) P(token | block), so the law is exactly softmax(x), while the random numbers
+    drop from V to about 2 sqrt(V) per row: at V = 152k that removes most of a decode step's sampling
+    time on CPU. The noise depends only on the key and V, not on the layout.
     """
-    b, v = x.shape
+    vocab_major = vocab_axis in (0, -x.ndim)
+    v = x.shape[0] if vocab_major else x.shape[-1]
     block = _block_size(v)
     nb = -(-v // block)
     neg = jnp.finfo(jnp.float32).min
-    xb = jnp.pad(x, ((0, 0), (0, nb * block - v)), constant_values=neg).reshape(b, nb, block)
-    block_lse = jax.nn.logsumexp(xb, axis=-1)  # [B, nb]
+    if vocab_major:
+        xb = jnp.pad(x, ((0, nb * block - v), (0, 0)), constant_values=neg)
+        xb = xb.reshape(nb, block, x.shape[1])
+        block_lse = jax.nn.logsumexp(xb, axis=1).T  # [B, nb]
+        rows_axis = 2
+    else:
+        xb = jnp.pad(x, ((0, 0), (0, nb * block - v)), constant_values=neg)
+        xb = xb.reshape(x.shape[0], nb, block)
+        block_lse = jax.nn.logsumexp(xb, axis=-1)  # [B, nb]
+        rows_axis = 0
     lse = jax.nn.logsumexp(block_lse, axis=-1)
 
     def draw(key, blse, rows):
@@ -124,27 +144,38 @@ def _categorical(keys: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         j = jnp.argmax(rows[i] + jax.random.gumbel(k2, (block,)))
         return i * block + j
 
-    return jax.vmap(draw)(keys, block_lse, xb), lse
+    return jax.vmap(draw, in_axes=(0, 0, rows_axis))(keys, block_lse, xb), lse
 
 
-def sample_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Draws one token per row. logits [B, V] float, keys [B] PRNG keys.
+def sample_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams, *,
+                  vocab_axis: int = -1) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Draws one token per row. logits [B, V] float (or [V, B] with `vocab_axis=0`), keys [B].
 
     Returns (tokens [B], log-prob under the sampling distribution [B], log-prob under the
-    unmodified policy, i.e. log_softmax(logits) [B]).
+    unmodified policy, i.e. log_softmax(logits) [B]). Vocab-major logits are sampled in place for
+    greedy and temperature-only sampling; top-k / top-p transpose them to [B, V] first.
     """
     logits = logits.astype(jnp.float32)
-    pick = lambda a, t: jnp.take_along_axis(a, t[:, None], axis=-1)[:, 0]  # noqa: E731
-    if params.is_greedy:
-        tokens = jnp.argmax(logits, axis=-1)
-        sample_lp = jnp.zeros(tokens.shape, jnp.float32)
-        policy_lse = jax.nn.logsumexp(logits, axis=-1)
+    vocab_major = vocab_axis in (0, -logits.ndim)
+    if vocab_major and (params.top_k or params.top_p < 1.0):
+        logits, vocab_major = logits.T, False
+    axis = 0 if vocab_major else -1
+    if vocab_major:
+        cols = jnp.arange(logits.shape[1])
+        pick = lambda a, t: a[t, cols]  # noqa: E731
     else:
-        x = sampling_logits(logits, params)
-        tokens, lse = _categorical(keys, x)
+        pick = lambda a, t: jnp.take_along_axis(a, t[:, None], axis=-1)[:, 0]  # noqa: E731
+    if params.is_greedy:
+        tokens = jnp.argmax(logits, axis=axis)
+        sample_lp = jnp.zeros(tokens.shape, jnp.float32)
+        policy_lse = jax.nn.logsumexp(logits, axis=axis)
+    else:
+        x = logits if vocab_major else sampling_logits(logits, params)
+        if vocab_major and params.temperature != 1.0:
+            x = x / params.temperature
+        tokens, lse = _categorical(keys, x, axis)
         sample_lp = pick(x, tokens) - lse
         unmodified = params.temperature == 1.0 and params.top_p == 1.0 and not params.top_k
-        policy_lse = lse if unmodified else jax.nn.logsumexp(logits, axis=-1)
+        policy_lse = lse if unmodified else jax.nn.logsumexp(logits, axis=axis)
     pol = pick(logits, tokens) - policy_lse
     return tokens.astype(jnp.int32), sample_lp, pol
