@@ -36,7 +36,7 @@ from dapo_jax.sampler import (OUT_MAJOR_CHOICES, Engine, RolloutDriver, RolloutR
 
 SAMPLING = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, greedy=False)
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-COLUMNS = ["preset", "batch", "HF tok/s", "ours tok/s", "ours / HF", "ours decode tok/s",
+COLUMNS = ["preset", "batch", "samples / prompt", "HF tok/s", "ours tok/s", "ours / HF", "ours decode tok/s",
            "ours ms/step", "compute-ideal ms/step", "HBM roofline tok/s", "ours / roofline"]
 
 
@@ -58,6 +58,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=_csv(int), default=[16, 64],
                    help="comma-separated numbers of sequences decoded concurrently")
     p.add_argument("--prompt_len", type=int, default=64, help="tokens per random prompt")
+    p.add_argument("--samples_per_prompt", type=int, default=1,
+                   help="sequences per prompt (DAPO: 16); a batch is batch / this many prompts. "
+                        "transformers: num_return_sequences; ours: one prefill per prompt")
     p.add_argument("--new_tokens", type=int, default=128, help="tokens generated per sequence")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="our matmul/activation dtype")
     p.add_argument("--cache_dtype", default=None, choices=DTYPES,
@@ -84,6 +87,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if min(args.batches) < 1:
         p.error(f"--batches must all be >= 1, got {args.batches}")
+    if args.samples_per_prompt < 1 or any(b % args.samples_per_prompt for b in args.batches):
+        p.error(f"--samples_per_prompt ({args.samples_per_prompt}) must be >= 1 and divide every "
+                f"batch in --batches {args.batches}")
     for name in args.presets:
         try:
             models.preset(name)
@@ -139,13 +145,14 @@ def build_hf_checkpoint(cfg: ModelConfig, directory: str, seed: int):
     return model
 
 
-def run_hf(model, prompts: np.ndarray, new_tokens: int, seed: int) -> dict[str, float]:
+def run_hf(model, prompts: np.ndarray, new_tokens: int, seed: int, samples_per_prompt: int = 1
+           ) -> dict[str, float]:
     """Times one transformers `generate` call (plain sampling) after a short warm-up call."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
     kwargs = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None,
-                  pad_token_id=0)
+                  pad_token_id=0, num_return_sequences=samples_per_prompt)
     ids = torch.as_tensor(prompts)
     mask = torch.ones_like(ids)
     with torch.inference_mode():
@@ -156,18 +163,22 @@ def run_hf(model, prompts: np.ndarray, new_tokens: int, seed: int) -> dict[str, 
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, **kwargs)
         wall = time.perf_counter() - t0
     generated = out.shape[1] - ids.shape[1]
-    if generated != new_tokens:
+    if generated != new_tokens or out.shape[0] != len(prompts) * samples_per_prompt:
         raise RuntimeError(f"transformers generated {generated} tokens per sequence, not {new_tokens}: "
                            "EOS was not disabled, so the comparison would be unfair")
-    total = new_tokens * len(prompts)
+    total = new_tokens * out.shape[0]
     return {"wall_s": wall, "tokens": total, "tokens_per_s": total / wall,
             "ms_per_step": 1000 * wall / new_tokens}
 
 
 def run_ours(cfg: ModelConfig, params: dict, prompts: np.ndarray, new_tokens: int,
              args: argparse.Namespace) -> dict[str, float]:
-    """Times one RolloutDriver.generate over all prompts (one slot each) after a compile warm-up."""
-    batch, prompt_len = prompts.shape
+    """Times one RolloutDriver.generate over all prompts after a compile warm-up.
+
+    Each prompt is one request of `--samples_per_prompt` samples: one prefill, that many slots.
+    """
+    n = args.samples_per_prompt
+    batch, prompt_len = len(prompts) * n, prompts.shape[1]
     engine = Engine(cfg, max_concurrent_decodes=batch, max_prefill_length=prompt_len,
                     max_target_length=prompt_len + new_tokens,
                     stop_token_ids=[cfg.vocab_size],  # outside the vocabulary: never sampled
@@ -175,11 +186,11 @@ def run_ours(cfg: ModelConfig, params: dict, prompts: np.ndarray, new_tokens: in
                     per_layer_weights=not args.stacked_weights,
                     out_major_weights=out_major_option(args.out_major))
     driver = RolloutDriver(engine, params, steps_per_sync=args.steps_per_sync, progress=False)
-    requests = [RolloutRequest([int(t) for t in p], n=1, max_new_tokens=new_tokens) for p in prompts]
+    requests = [RolloutRequest([int(t) for t in p], n=n, max_new_tokens=new_tokens) for p in prompts]
     t0 = time.perf_counter()
     # Compiles the prefill bucket, the one-slot insert, the key derivation and the decode loop: the
     # shapes are the same as in the timed run, only the token budget (a runtime value) is smaller.
-    driver.generate([RolloutRequest(r.prompt, 1, args.steps_per_sync) for r in requests],
+    driver.generate([RolloutRequest(r.prompt, n, args.steps_per_sync) for r in requests],
                     seed=args.seed + 1)
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -219,12 +230,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             del model
         cfg = cfg.replace(dtype=args.dtype)
         for batch in args.batches:
-            prompts = random_prompts(cfg.vocab_size, batch, args.prompt_len, args.seed + batch)
-            hf = None if hf_model is None else run_hf(hf_model, prompts, args.new_tokens, args.seed)
+            n = args.samples_per_prompt
+            prompts = random_prompts(cfg.vocab_size, batch // n, args.prompt_len, args.seed + batch)
+            hf = None if hf_model is None else run_hf(hf_model, prompts, args.new_tokens, args.seed, n)
             ours = run_ours(cfg, params, prompts, args.new_tokens, args)
             cache_len = args.prompt_len + args.new_tokens
             step_flops = batch * common.forward_flops_per_token(cfg, cache_len)
-            row = {"preset": name, "batch": batch, "hf": hf, "ours": ours,
+            row = {"preset": name, "batch": batch, "samples_per_prompt": n, "hf": hf, "ours": ours,
                    "ratio": None if hf is None else ours["tokens_per_s"] / hf["tokens_per_s"],
                    "decode_step_flops": step_flops,
                    "compute_ideal_ms_per_step": 1000 * step_flops / peak,
@@ -242,7 +254,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   file=sys.stderr, flush=True)
         del hf_model, params
     return {"benchmark": "rollout_throughput", "environment": env,
-            "config": {k: getattr(args, k) for k in ("presets", "batches", "prompt_len", "new_tokens",
+            "config": {k: getattr(args, k) for k in ("presets", "batches", "samples_per_prompt",
+                                                     "prompt_len", "new_tokens",
                                                      "dtype", "cache_dtype", "out_major",
                                                      "steps_per_sync", "skip_hf", "seed")},
             "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
@@ -263,7 +276,7 @@ def format_report(r: dict[str, Any]) -> str:
         hf, ours = row["hf"], row["ours"]
         roof = row["roofline_tokens_per_s"]
         body.append([
-            row["preset"], row["batch"],
+            row["preset"], row["batch"], row["samples_per_prompt"],
             "skipped" if hf is None else common.fmt(hf["tokens_per_s"]),
             common.fmt(ours["tokens_per_s"]),
             "n/a" if row["ratio"] is None else f"{row['ratio']:.2f}x",
@@ -279,7 +292,12 @@ def format_report(r: dict[str, Any]) -> str:
         common.markdown_table(COLUMNS, body), "",
         f"Each sequence: {c['prompt_len']}-token random prompt, exactly {c['new_tokens']} sampled "
         "tokens (temperature 1, top-p 1, no top-k). tok/s = generated tokens / wall time of the whole call "
-        "(prefill included, warm-up and compilation excluded). Ours: "
+        "(prefill included, warm-up and compilation excluded). "
+        + ("Every sequence has its own prompt. " if c["samples_per_prompt"] == 1 else
+           f"Prompts are shared by {c['samples_per_prompt']} sequences each, as in DAPO's groups: "
+           "transformers expands them (num_return_sequences) and prefills every copy; ours prefills "
+           "each prompt once and inserts it into that many slots. ")
+        + "Ours: "
         f"dtype {c['dtype']}, weights held in {weights}"
         f"{' as [out, in] kernels' if all(row['ours']['out_major_weights'] for row in r['rows']) else ''}"
         f", KV cache {c['cache_dtype']}, "

@@ -58,6 +58,18 @@ def test_rollout_smoke_prints_one_table_with_both_engines(capsys):
     # The roofline's weight bytes are the engine's own float32 copy of the tiny model.
     assert r["ours"]["param_bytes"] == models.preset("tiny").num_params * 4
     assert cells["HBM roofline tok/s"] == "n/a" and cells["ours / roofline"] == "n/a"
+    assert cells["samples / prompt"] == "1" and "Every sequence has its own prompt" in text
+
+
+def test_rollout_smoke_with_shared_prompts_generates_the_whole_batch(capsys):
+    result = rollout_throughput.main(["--smoke", "--samples_per_prompt", "2"])
+    text = capsys.readouterr().out
+    (r,) = result["rows"]
+    assert r["samples_per_prompt"] == 2 and "Prompts are shared by 2 sequences each" in text
+    # 2 prompts x 2 samples x 8 tokens on both sides; ours prefilled each prompt once.
+    assert r["hf"]["tokens"] == r["ours"]["tokens"] == 4 * 8
+    with pytest.raises(SystemExit):
+        rollout_throughput.parse_args(["--batches", "6", "--samples_per_prompt", "4"])
 
 
 def test_decode_roofline_of_qwen05b_on_h100_matches_hand_count():
