@@ -13,6 +13,7 @@ read once per step) and the fraction of it our decode loop reaches.
     python -m benchmarks.rollout_throughput                       # tiny + 0.5B, batch 16 and 64, CPU
     python -m benchmarks.rollout_throughput --presets qwen2.5-0.5b --batches 64,256 --skip_hf \\
         --dtype bfloat16                                          # GPU/TPU roofline
+    python -m benchmarks.rollout_throughput --presets qwen2.5-0.5b --samples_per_prompt 16  # DAPO groups
     python -m benchmarks.rollout_throughput --smoke
 """
 
