@@ -308,16 +308,14 @@ def unstack_layers(params: Params) -> Params:
     return dict(params, layers=tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(num)))
 
 
-def transpose_kernels(tree: Any, cfg: ModelConfig, permute=None) -> Any:
+def transpose_kernels(tree: Any, cfg: ModelConfig) -> Any:
     """The parameters (or their shapes / logical axes) in the out-major layout `project` decodes with.
 
     Layer kernels become [*out, *in] (after the leading layer axis when stacked) and an untied lm head
-    [V, D], like the embedding. `permute(leaf, axes)` defaults to `jnp.transpose`; tuples (shapes,
-    logical axes) are permuted as sequences.
+    [V, D], like the embedding. Array leaves are transposed; tuples (shapes, logical axes) are
+    permuted as sequences, so shardings follow the same layout.
     """
     def perm(x, axes):
-        if permute is not None:
-            return permute(x, axes)
         return tuple(x[i] for i in axes) if isinstance(x, tuple) else jnp.transpose(x, axes)
 
     def layer(lp, lead):
