@@ -100,7 +100,7 @@ def sampling_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
 def _block_size(vocab: int) -> int:
     """Block length of the two-stage draw: near sqrt(vocab), so each stage draws about sqrt(V) numbers.
 
-    A divisor of the vocabulary within 4x of sqrt(V) when there is one (151,936 = 128 x 1187: 1187),
+    A divisor of the vocabulary within 4x of sqrt(V) when there is one (151,936 = 1187 blocks of 128),
     so the logits reshape into blocks in place; otherwise a power of two, and the logits get padded.
     """
     root = math.sqrt(vocab)
@@ -170,9 +170,7 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams, *,
         sample_lp = jnp.zeros(tokens.shape, jnp.float32)
         policy_lse = jax.nn.logsumexp(logits, axis=axis)
     else:
-        x = logits if vocab_major else sampling_logits(logits, params)
-        if vocab_major and params.temperature != 1.0:
-            x = x / params.temperature
+        x = sampling_logits(logits, params)  # temperature only, if still vocab-major: any layout
         tokens, lse = _categorical(keys, x, axis)
         sample_lp = pick(x, tokens) - lse
         unmodified = params.temperature == 1.0 and params.top_p == 1.0 and not params.top_k
