@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,8 @@ from dapo_jax.train_step import (LossSettings, batch_spec, build_logprob_fn, bui
 
 log = logging.getLogger(__name__)
 
+RewardFn = Callable[[list[str], list[str]], list[dict]]
+
 PREEMPTED_EXIT_CODE = 42  # launch/tpu.py restarts the job when it sees this
 
 
@@ -53,7 +55,11 @@ class Preempted(Exception):
 class Trainer:
     """Owns the mesh, policy, optimizer, sampler, data, dynamic-sampling state and checkpoints."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, progress: bool | None = None):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, progress: bool | None = None,
+                 rollout: Any = None, reward_fn: RewardFn | None = None):
+        """`rollout` replaces the engine-backed RolloutDriver (same `generate`, `update_params`,
+        `release` contract); `reward_fn(texts, ground_truths) -> [{"score", "acc", ...}]` replaces
+        the configured scorer. The soft overlong punishment is added to its scores either way."""
         self.config = c = config
         validate_config(c, jax.device_count())
         # Orbax needs absolute paths; gs:// paths are already absolute.
@@ -107,8 +113,10 @@ class Trainer:
                              sampling=self.train_sampling, mesh=self.mesh, cache_dtype=r.cache_dtype,
                              per_layer_weights=r.per_layer_weights,
                              out_major_weights=out_major_option(r.get("out_major_weights", "auto")))
-        self.driver = RolloutDriver(self.engine, self.params, steps_per_sync=r.steps_per_sync,
-                                    tokenizer=self.tokenizer, progress=self.progress)
+        self.driver = rollout if rollout is not None else RolloutDriver(
+            self.engine, self.params, steps_per_sync=r.steps_per_sync, tokenizer=self.tokenizer,
+            progress=self.progress)
+        self.reward_fn = reward_fn if reward_fn is not None else self._configured_reward
 
         ds = a.dynamic_sampling
         self.accumulator = algo.DynamicSamplingAccumulator(
@@ -225,6 +233,12 @@ class Trainer:
         models.save_pretrained(params, cfg, cache, tokenizer_dir=None)
         return params
 
+    def _configured_reward(self, texts: list[str], truths: list[str]) -> list[dict]:
+        """The config's rule-based scorer (math_dapo by default) over one generation batch."""
+        c = self.config
+        return score_batch(texts, truths, scorer=c.reward.scorer,
+                           num_workers=c.reward.num_workers or None)
+
     # ------------------------------------------------------------------------------ checkpoints
     def _save(self, force: bool = False) -> None:
         step = self.step
@@ -289,8 +303,7 @@ class Trainer:
         samples = [s for group in result.samples for s in group]
         t0 = time.perf_counter()
         truths = [rec["ground_truth"] for rec in records for _ in range(G)]
-        scored = score_batch([s.text for s in samples], truths, scorer=c.reward.scorer,
-                             num_workers=c.reward.num_workers or None)
+        scored = self.reward_fn([s.text for s in samples], truths)
         acc = np.asarray([float(r["acc"]) for r in scored], np.float32)
         score = np.asarray([float(r["score"]) for r in scored], np.float32)
         lengths = np.asarray([s.length for s in samples], np.int32)

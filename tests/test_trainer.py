@@ -7,7 +7,6 @@ import pytest
 
 from configs import toy
 from dapo_jax import algo
-from dapo_jax import trainer as trainer_lib
 from dapo_jax.metrics_writer import read_metrics
 from dapo_jax.trainer import Trainer
 
@@ -49,7 +48,7 @@ def small_config(**overrides):
     return c
 
 
-def text_hash_scores(responses, truths, **kwargs):
+def text_hash_scores(responses, truths):
     """A deterministic stand-in reward that gives mixed groups even for an untrained policy."""
     out = []
     for i, text in enumerate(responses):
@@ -93,19 +92,18 @@ def test_two_training_steps_run_end_to_end_and_log_verl_metrics(tmp_path):
     assert list((tmp_path / "tensorboard").iterdir())
 
 
-def test_stopped_and_resumed_run_matches_the_uninterrupted_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_lib, "score_batch", text_hash_scores)
+def test_stopped_and_resumed_run_matches_the_uninterrupted_run(tmp_path):
     full = Trainer(small_config(**{"trainer.total_steps": 3}), str(tmp_path / "full"),
-                   progress=False)
+                   progress=False, reward_fn=text_hash_scores)
     reference = full.train()
     full.close()
 
     first = Trainer(small_config(**{"trainer.total_steps": 2}), str(tmp_path / "resume"),
-                    progress=False)
+                    progress=False, reward_fn=text_hash_scores)
     first.train()
     first.close()
     resumed = Trainer(small_config(**{"trainer.total_steps": 3}), str(tmp_path / "resume"),
-                      progress=False)
+                      progress=False, reward_fn=text_hash_scores)
     assert resumed.step == 2
     tail = resumed.train()
     resumed.close()
@@ -119,11 +117,11 @@ def test_stopped_and_resumed_run_matches_the_uninterrupted_run(tmp_path, monkeyp
         assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
 
 
-def test_dynamic_sampling_fills_the_batch_when_some_groups_have_equal_rewards(tmp_path, monkeypatch):
+def test_dynamic_sampling_fills_the_batch_when_some_groups_have_equal_rewards(tmp_path):
     """Rewards forced all-correct for half the prompts: those groups are dropped, more batches drawn."""
     calls = {"n": 0}
 
-    def fake_scores(responses, truths, **kwargs):
+    def fake_scores(responses, truths):
         out = []
         for i, _ in enumerate(responses):
             group = i // 4
@@ -135,12 +133,11 @@ def test_dynamic_sampling_fills_the_batch_when_some_groups_have_equal_rewards(tm
             out.append({"score": 1.0 if acc else -1.0, "acc": acc, "pred": "x"})
         return out
 
-    monkeypatch.setattr(trainer_lib, "score_batch", fake_scores)
     c = small_config(**{"trainer.total_steps": 1, "trainer.train_batch_size": 3,
                         "trainer.gen_batch_size": 2, "trainer.mini_batch_size": 12,
                         "trainer.micro_batch_size": 4, "algo.overlong_buffer.enable": False,
                         "algo.dynamic_sampling.max_num_gen_batches": 0})
-    tr = Trainer(c, str(tmp_path / "fill"), progress=False)
+    tr = Trainer(c, str(tmp_path / "fill"), progress=False, reward_fn=fake_scores)
     (m,) = tr.train()
     tr.close()
     # each generation batch of 2 prompts keeps 1 mixed group: 3 batches for 3 groups
@@ -155,13 +152,13 @@ def test_dynamic_sampling_fills_the_batch_when_some_groups_have_equal_rewards(tm
                         "trainer.micro_batch_size": 4, "algo.overlong_buffer.enable": False,
                         "algo.dynamic_sampling.max_num_gen_batches": 2,
                         "algo.dynamic_sampling.on_cap": "error"})
-    tr = Trainer(c, str(tmp_path / "cap_error"), progress=False)
+    tr = Trainer(c, str(tmp_path / "cap_error"), progress=False, reward_fn=fake_scores)
     with pytest.raises(algo.DynamicSamplingCapError, match="max_num_gen_batches"):
         tr.train()
     tr.close()
     # ...and "proceed" trains on the 2 groups collected so far (never an empty batch).
     c.algo.dynamic_sampling.on_cap = "proceed"
-    tr = Trainer(c, str(tmp_path / "cap_proceed"), progress=False)
+    tr = Trainer(c, str(tmp_path / "cap_proceed"), progress=False, reward_fn=fake_scores)
     (m,) = tr.train()
     tr.close()
     assert m["train/num_gen_batches"] == 2 and m["train/num_samples"] == 8
