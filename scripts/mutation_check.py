@@ -1,0 +1,133 @@
+"""Measures the test net: plants known wiring bugs one at a time in a scratch copy and runs the tests.
+
+    .venv/bin/python scripts/mutation_check.py [--only NAME[,NAME]] [--keep]
+
+Each mutation is a one-line change that a plausible refactor could make (the bugs an audit of the
+suite found that no test caught). For every mutation the script copies the repository to a scratch
+folder, applies the change there, runs the tests that should catch it with the scratch copy first on
+the import path, and reports whether they failed. The working tree is never modified. A first run
+without any mutation checks that those tests pass on the unmodified code, so a "caught" result means
+the planted bug, and nothing else, broke them. Exits non-zero when a mutation survives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    """A planted bug: replace `old` (must occur exactly once in `path`) by `new`."""
+
+    name: str
+    description: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTATIONS = (
+    Mutation(
+        "micro_batch_token_count",
+        "the update divides each micro-batch by its own token count instead of the mini-batch's",
+        "dapo_jax/train_step.py",
+        "global_token_count=None if legacy else token_count,",
+        "global_token_count=None if legacy else jnp.sum(micro[\"response_mask\"]),",
+        ("tests/test_trainer_reference.py",)),
+    Mutation(
+        "overlong_penalty_in_characters",
+        "the trainer measures the soft overlong punishment in characters instead of tokens",
+        "dapo_jax/trainer.py",
+        "score = score + np.asarray(algo.overlong_penalty(\n                lengths,",
+        "score = score + np.asarray(algo.overlong_penalty(\n"
+        "                np.asarray([len(s.text or '') for s in samples], np.int32),",
+        ("tests/test_trainer_reference.py",)),
+    Mutation(
+        "response_mask_drops_eos",
+        "the response mask leaves out the last (EOS) token of every response",
+        "dapo_jax/trainer.py",
+        "resp_mask[i, :s.length] = 1",
+        "resp_mask[i, :s.length - 1] = 1",
+        ("tests/test_trainer_reference.py",)),
+)
+
+
+def _copy_repo(dest: pathlib.Path) -> None:
+    ignore = shutil.ignore_patterns(".venv", ".git", ".pytest_cache", "workdir", "__pycache__")
+    shutil.copytree(REPO_ROOT, dest, ignore=ignore)
+
+
+def _run_tests(root: pathlib.Path, tests: tuple[str, ...]) -> tuple[int, str]:
+    env = dict(os.environ, PYTHONPATH=str(root),
+               # Reuse the working tree's compile cache: entries are keyed by the program, so a
+               # mutated program never hits an unmutated one's entry.
+               DAPO_TEST_JAX_CACHE=str(REPO_ROOT / ".pytest_cache" / "xla"))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                           *tests], cwd=root, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    return proc.returncode, lines[-1] if lines else proc.stderr.strip()[-200:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the baseline and every (selected) mutation; prints one line per result."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated mutation names (default: all)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only.split(",")]
+    unknown = set(filter(None, args.only.split(","))) - {m.name for m in MUTATIONS}
+    if unknown:
+        parser.error(f"unknown mutation(s) {sorted(unknown)}; choose from "
+                     f"{[m.name for m in MUTATIONS]}")
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix="dapo_jax_mutants_"))
+    root = scratch / "repo"
+    _copy_repo(root)
+    survived = []
+    try:
+        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        t0 = time.time()
+        code, summary = _run_tests(root, tests)
+        print(f"baseline (no mutation): {summary} [{time.time() - t0:.0f}s]", flush=True)
+        if code != 0:
+            print("the tests fail without any mutation: fix them first", file=sys.stderr)
+            return 2
+        for m in chosen:
+            target = root / m.path
+            original = target.read_text()
+            if original.count(m.old) != 1:
+                print(f"{m.name}: the line to mutate is not in {m.path} exactly once; update "
+                      f"MUTATIONS in {pathlib.Path(__file__).name}", file=sys.stderr)
+                return 2
+            target.write_text(original.replace(m.old, m.new))
+            try:
+                t0 = time.time()
+                code, summary = _run_tests(root, m.tests)
+            finally:
+                target.write_text(original)
+            caught = code != 0
+            if not caught:
+                survived.append(m.name)
+            print(f"{m.name}: {'CAUGHT' if caught else 'SURVIVED'} ({m.description}) -> {summary} "
+                  f"[{time.time() - t0:.0f}s]", flush=True)
+    finally:
+        if args.keep:
+            print(f"scratch copy kept at {root}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    print(f"{len(chosen) - len(survived)}/{len(chosen)} planted bugs caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
