@@ -60,6 +60,23 @@ MUTATIONS = (
         "resp_mask[i, :s.length] = 1",
         "resp_mask[i, :s.length - 1] = 1",
         ("tests/test_trainer_reference.py",)),
+    Mutation(
+        "update_params_recompiles",
+        "every weight swap rebuilds the engine's compiled programs (served by the persistent cache)",
+        "dapo_jax/sampler/engine.py",
+        "        if self._cast is None:\n            dt, cfg = ",
+        "        self._cast, self._prefill, self._insert, self._generate = None, {}, {}, {}\n"
+        "        if self._cast is None:\n            dt, cfg = ",
+        ("tests/test_compile_counts.py",)),
+    Mutation(
+        "same_key_every_decode_step",
+        "every decode step of a slot draws with the same random key",
+        "dapo_jax/sampler/engine.py",
+        "jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(state[\"keys\"]),\n"
+        "                                                state[\"generated\"])",
+        "jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(state[\"keys\"]),\n"
+        "                                                0 * state[\"generated\"])",
+        ("tests/test_sampler_randomness.py",)),
 )
 
 

@@ -141,6 +141,7 @@ class Engine:
         self.state_shardings = self._state_shardings()
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._cast = None
+        self._init_state = None
         self._prefill = {}
         self._insert = {}
         self._generate = {}
@@ -232,17 +233,21 @@ class Engine:
 
     def init_decode_state(self) -> DecodeState:
         """An empty decode state: preallocated KV cache, every slot free."""
-        cfg, s, m = self.config, self._slots, self.max_target_length
-        dt = jnp_dtype(self.cache_dtype)
+        # Built once per engine: the trainer frees the state before every update and makes a new one
+        # at the next rollout, and a new jit object would trace and compile the program again.
+        if self._init_state is None:
+            cfg, s, m = self.config, self._slots, self.max_target_length
+            dt = jnp_dtype(self.cache_dtype)
 
-        def make():
-            kv = jnp.zeros((cfg.num_layers, s, cfg.num_kv_heads, m, cfg.head_dim), dt)
-            z = jnp.zeros((s,), jnp.int32)
-            return {"cache": {"k": kv, "v": kv, "lengths": z}, "tokens": z,
-                    "active": jnp.zeros((s,), bool), "generated": z, "limit": z,
-                    "keys": jnp.zeros((s, 2), jnp.uint32)}
+            def make():
+                kv = jnp.zeros((cfg.num_layers, s, cfg.num_kv_heads, m, cfg.head_dim), dt)
+                z = jnp.zeros((s,), jnp.int32)
+                return {"cache": {"k": kv, "v": kv, "lengths": z}, "tokens": z,
+                        "active": jnp.zeros((s,), bool), "generated": z, "limit": z,
+                        "keys": jnp.zeros((s, 2), jnp.uint32)}
 
-        return jax.jit(make, out_shardings=self.state_shardings)()
+            self._init_state = jax.jit(make, out_shardings=self.state_shardings)
+        return self._init_state()
 
     def bucket_for(self, length: int) -> int:
         """The prefill bucket (padded length) for a prompt of `length` tokens."""
@@ -469,10 +474,4 @@ class Engine:
             idx[:total] = np.concatenate([np.arange(n) for n in num_samples])
         keys = np.asarray(_sample_keys(jax.random.key(seed), jnp.asarray(rids), jnp.asarray(idx)))
         return np.split(keys[:total], np.cumsum(num_samples)[:-1])
-
-    def compile_count(self) -> int:
-        """Number of compiled executables across the engine's jitted steps."""
-        fns = list(self._prefill.values()) + list(self._insert.values()) + \
-            list(self._generate.values())
-        return sum(f._cache_size() for f in fns)
 
