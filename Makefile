@@ -18,8 +18,9 @@ $(STAMP): requirements.txt pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-$(TEST_STAMP): $(STAMP) requirements-test.txt
+$(TEST_STAMP): $(STAMP) requirements-test.txt requirements-test-nodeps.txt
 	$(PY) -m pip install --quiet -r requirements-test.txt
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/nodeps -r requirements-test-nodeps.txt
 	touch $@
 
 install: $(STAMP)
@@ -29,7 +30,7 @@ demo: $(STAMP)
 	$(PY) -m dapo_jax.demo --workdir $(WORKDIR)
 
 test: $(TEST_STAMP)
-	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -n 2 -ra --durations=15 $(PYTEST_ARGS) tests
 
 bench: $(TEST_STAMP)
 	$(PY) -m benchmarks.model_step

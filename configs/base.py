@@ -100,6 +100,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.reward = ml_collections.ConfigDict()
     c.reward.scorer = "math_dapo"  # math_dapo | math_verify
     c.reward.num_workers = 0  # 0 = auto (process pool for large batches)
+    # No `Answer:` line: score the last \boxed{} of the final 100 chars (raw match), as verl's
+    # math_dapo does since verl 0.9.1. False = the DAPO paper's scorer. math_verify reads the box
+    # either way.
+    c.reward.boxed_fallback = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-6

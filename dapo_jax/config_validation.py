@@ -88,6 +88,8 @@ def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None
     _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1", p)
     _check(c.reward.scorer in ("math_dapo", "math_verify"), "reward.scorer",
            "must be 'math_dapo' or 'math_verify'", p)
+    _check(isinstance(c.reward.boxed_fallback, bool), "reward.boxed_fallback",
+           f"must be True or False, got {c.reward.boxed_fallback!r}", p)
     _check(0 < c.eval.top_p <= 1, "eval.top_p", "must be in (0, 1]", p)
     _check(c.eval.n >= 1, "eval.n", "must be >= 1", p)
     ws = c.get("warm_start")

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 def evaluate_records(driver, tokenizer, records: Sequence[dict], *, dataset: str, n: int, sampling,
                      max_new_tokens: int, max_prompt_length: int, system_prompt: str | None,
                      apply_chat_template: bool, out_dir, scorer: str = "math_dapo", seed: int = 0,
-                     write: bool = True) -> tuple[str, dict[str, float]]:
+                     write: bool = True,
+                     boxed_fallback: bool = False) -> tuple[str, dict[str, float]]:
     """Generates n samples per problem, scores them and writes the reports; returns (summary, metrics)."""
     import data_pipeline as dp
     from dapo_jax.eval import report
@@ -49,7 +50,7 @@ def evaluate_records(driver, tokenizer, records: Sequence[dict], *, dataset: str
     # same metrics in a private folder (deleting their copies there deleted process 0's reports).
     out_dir = os.fspath(out_dir) if write else tempfile.mkdtemp(prefix="dapo_eval_")
     summary = report.write_report(problems, samples, out_dir, dataset=dataset, scorer=scorer,
-                                  max_length=max_new_tokens)
+                                  max_length=max_new_tokens, boxed_fallback=boxed_fallback)
     with open(os.path.join(out_dir, report.REPORT_JSON)) as f:
         metrics = dict(json.load(f)["metrics"])
     tokens = sum(s["length"] for s in samples)
@@ -124,7 +125,8 @@ def run(config, *, checkpoint: str | None, step: int | None, responses: str | No
             problems = [{"id": r["id"], "answer": r["ground_truth"]} for r in records]
             summary = report.score_responses_file(
                 responses, problems, os.path.join(out, name), dataset=name,
-                scorer=ds_lib.DEFAULT_SCORER.get(name, config.reward.scorer))
+                scorer=ds_lib.DEFAULT_SCORER.get(name, config.reward.scorer),
+                boxed_fallback=config.reward.boxed_fallback)
             print(summary)
             with open(os.path.join(out, name, report.REPORT_JSON)) as f:
                 results[name] = json.load(f)["metrics"]
@@ -159,7 +161,8 @@ def run(config, *, checkpoint: str | None, step: int | None, responses: str | No
             driver, tokenizer, records, dataset=name, n=e.n, sampling=sampling, max_new_tokens=R,
             max_prompt_length=P, system_prompt=config.data.system_prompt,
             apply_chat_template=config.data.apply_chat_template, out_dir=os.path.join(out, name),
-            scorer=ds_lib.DEFAULT_SCORER.get(name, config.reward.scorer), seed=config.seed)
+            scorer=ds_lib.DEFAULT_SCORER.get(name, config.reward.scorer), seed=config.seed,
+            boxed_fallback=config.reward.boxed_fallback)
         print(summary, flush=True)
         results[name] = metrics
     return results

@@ -237,7 +237,8 @@ class Trainer:
         """The config's rule-based scorer (math_dapo by default) over one generation batch."""
         c = self.config
         return score_batch(texts, truths, scorer=c.reward.scorer,
-                           num_workers=c.reward.num_workers or None)
+                           num_workers=c.reward.num_workers or None,
+                           boxed_fallback=c.reward.boxed_fallback)
 
     # ------------------------------------------------------------------------------ checkpoints
     def _save(self, force: bool = False) -> None:

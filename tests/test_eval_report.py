@@ -199,6 +199,19 @@ def test_responses_file_errors_name_the_line(tmp_path, lines, message):
         score_responses_file(path, PROBLEMS, tmp_path / "out")
 
 
+def test_boxed_fallback_option_reaches_the_scorer_and_the_report(tmp_path):
+    # A bare box (no Answer line) is wrong for the DAPO release's rule, right with verl's fallback.
+    samples = [{"problem_id": "p1", "response": "so it is \\boxed{42}"},
+               {"problem_id": "p2", "response": "Answer: 7"}]
+    for flag, expected in ((False, [False, True]), (True, [True, True])):
+        out = tmp_path / str(flag)
+        write_report(PROBLEMS, samples, out, dataset="toy", n_bootstrap=10, boxed_fallback=flag)
+        report = json.loads((out / "report.json").read_text())
+        assert report["boxed_fallback"] is flag
+        rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        assert [row["acc"] for row in rows] == expected
+
+
 def test_write_report_rejects_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"samples\[0\] refers to unknown problem id 'zz'"):
         write_report(PROBLEMS, [{"problem_id": "zz", "response": "x"}], tmp_path)

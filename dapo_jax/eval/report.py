@@ -191,6 +191,7 @@ def write_report(
     dataset: str = "eval",
     scorer: str = "math_dapo",
     scorer_kwargs: Mapping[str, Any] | None = None,
+    boxed_fallback: bool = False,
     num_workers: int | None = None,
     max_length: int | None = None,
     n_bootstrap: int = eval_metrics.N_BOOTSTRAP,
@@ -199,7 +200,8 @@ def write_report(
     """Score `samples` ({problem_id, response[, length, finish_reason]}) and write the reports.
 
     `problems` are {id, answer} records; samples of a problem are taken in the order given (avg@k
-    uses each problem's first k). Returns the text summary.
+    uses each problem's first k). `scorer`, `scorer_kwargs` and `boxed_fallback` go to score_batch.
+    Returns the text summary.
     """
     answers = _check_problems(problems)
     answer_by_id = dict(answers)
@@ -225,6 +227,7 @@ def write_report(
         scorer=scorer,
         num_workers=num_workers,
         scorer_kwargs=scorer_kwargs,
+        boxed_fallback=boxed_fallback,
     )
     scored: dict[str, list[dict[str, Any]]] = {}
     records = []
@@ -262,6 +265,7 @@ def write_report(
     report = {
         "dataset": dataset,
         "scorer": scorer,
+        "boxed_fallback": boxed_fallback,
         "num_problems": len(answers),
         "num_scored_problems": len(ordered),
         "num_samples": len(records),

@@ -6,6 +6,10 @@ the answer is the text after the last case-insensitive `Answer:`, and prediction
 compared as strings after the Minerva answer normalisation (Lewkowycz et al. 2022, appendix D.1).
 It is deliberately strict: `042`, `3.0`, `42.` and `\\dfrac{1}{2}` do not match `42`, `3`, `42` and
 `\\frac{1}{2}`. Use `dapo_jax.rewards.symbolic` when symbolic equivalence is wanted.
+
+`boxed_fallback=True` is verl's later rule (verl 0.9.1's `verify`; not in the DAPO release): when
+the normalised `Answer:` prediction is "[INVALID]", the raw content of the last `\\boxed{}` in the
+final 100 characters is compared with the raw ground truth, as `strict_box_verify` does.
 """
 from __future__ import annotations
 
@@ -116,17 +120,33 @@ def _score_minerva(tail: str, ground_truth: str) -> tuple[bool, str]:
     return pred == _normalized_ground_truth(ground_truth), pred
 
 
+def _final_box_content(tail: str) -> str | None:
+    """Raw content of the last `\\boxed{}` in the final 100 characters of `tail`, or None."""
+    boxed = last_boxed(tail[-STRICT_BOX_TAIL_CHARS:])
+    return boxed[len("\\boxed{") : -1] if boxed is not None else None
+
+
 def _score_strict_box(tail: str, ground_truth: str) -> tuple[bool, str]:
     # The strict variant compares the raw boxed content with the raw ground truth, no normalisation.
-    boxed = last_boxed(tail[-STRICT_BOX_TAIL_CHARS:])
-    pred = boxed[len("\\boxed{") : -1] if boxed is not None else INVALID
-    return pred == ground_truth, pred
+    # A missing box is wrong even for the ground truth "[INVALID]" (verl compares None there).
+    content = _final_box_content(tail)
+    if content is None:
+        return False, INVALID
+    return content == ground_truth, content
 
 
 def compute_score(
-    solution_str: str, ground_truth: str | int, strict_box_verify: bool = False
+    solution_str: str,
+    ground_truth: str | int,
+    strict_box_verify: bool = False,
+    boxed_fallback: bool = False,
 ) -> ScoreResult:
-    """DAPO reward of one response: {"score": +1.0/-1.0, "acc": bool, "pred": normalised answer}."""
+    """DAPO reward of one response: {"score": +1.0/-1.0, "acc": bool, "pred": the answer read}.
+
+    `pred` is the normalised `Answer:` text, or the raw box content when a box decided.
+    `strict_box_verify` reads only the last `\\boxed{}`; `boxed_fallback` reads it when there is no
+    usable `Answer:` line (verl >= 0.9.1). Both off is the DAPO paper's scorer.
+    """
     if not isinstance(solution_str, str):
         raise TypeError(f"solution_str must be a str, got {type(solution_str).__name__}")
     if isinstance(ground_truth, bool) or not isinstance(ground_truth, (str, numbers.Integral)):
@@ -140,4 +160,10 @@ def compute_score(
         correct, pred = _score_strict_box(tail, truth)
     else:
         correct, pred = _score_minerva(tail, truth)
+        # verl tests the *normalised* prediction, so an `Answer:` line that normalises to
+        # "[INVALID]" (`Answer: [INVALID] cm`) falls back too; with no box, Minerva's verdict stays.
+        if boxed_fallback and pred == INVALID:
+            content = _final_box_content(tail)
+            if content is not None:
+                correct, pred = content == truth, content
     return {"score": 1.0 if correct else -1.0, "acc": correct, "pred": pred}
