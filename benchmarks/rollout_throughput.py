@@ -183,10 +183,11 @@ def run_ours(cfg: ModelConfig, params: dict, prompts: np.ndarray, new_tokens: in
     engine = Engine(cfg, max_concurrent_decodes=batch, max_prefill_length=prompt_len,
                     max_target_length=prompt_len + new_tokens,
                     stop_token_ids=[cfg.vocab_size],  # outside the vocabulary: never sampled
-                    sampling=SAMPLING, cache_dtype=args.cache_dtype,
+                    cache_dtype=args.cache_dtype,
                     per_layer_weights=not args.stacked_weights,
                     out_major_weights=out_major_option(args.out_major))
-    driver = RolloutDriver(engine, params, steps_per_sync=args.steps_per_sync, progress=False)
+    driver = RolloutDriver(engine, params, steps_per_sync=args.steps_per_sync, progress=False,
+                           sampling=SAMPLING)
     requests = [RolloutRequest([int(t) for t in p], n=n, max_new_tokens=new_tokens) for p in prompts]
     t0 = time.perf_counter()
     # Compiles the prefill bucket, the one-slot insert, the key derivation and the decode loop: the

@@ -19,10 +19,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
 
-    # Policy model: a HF checkpoint directory (local or gs://) or, when empty, a random preset.
+    # Policy model. The architecture is `preset` when set, else the config.json at `path`; `path`
+    # (a HF checkpoint directory, local or gs://) supplies the weights, else they are random.
+    # With both set, the checkpoint must be the preset's architecture (checked at load).
     c.model = ml_collections.ConfigDict()
     c.model.path = ""
-    c.model.preset = "tiny"
+    c.model.preset = ""
     c.model.param_dtype = "float32"  # parameter storage (AdamW state follows it)
     c.model.dtype = "bfloat16"  # matmul / activation dtype
     c.model.remat = "full"  # none | full | dots

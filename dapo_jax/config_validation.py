@@ -18,20 +18,45 @@ def _check(cond: bool, key: str, msg: str, problems: list[str]) -> None:
         problems.append(f"config.{key}: {msg}")
 
 
-def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raises ConfigError listing every invalid field of a training config."""
+def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
+                    training: bool = True) -> None:
+    """Raises ConfigError listing every invalid field of a config.
+
+    `training=False` checks what evaluating a checkpoint reads (its architecture comes from the
+    checkpoint; the algorithm, trainer and optimizer sections are not used).
+    """
     p: list[str] = []
-    _check(bool(c.model.path) or c.model.preset.lower() in PRESETS, "model.preset",
-           f"unknown preset {c.model.preset!r} and no model.path; choose one of {sorted(PRESETS)}", p)
+    if training:
+        _check(bool(c.model.path) or bool(c.model.preset), "model",
+               "model.path and model.preset are both empty: set model.path to a HF checkpoint or "
+               f"model.preset to one of {sorted(PRESETS)}", p)
+    _check(not c.model.preset or c.model.preset.lower() in PRESETS, "model.preset",
+           f"unknown preset {c.model.preset!r}; choose one of {sorted(PRESETS)} (or '' to take "
+           "the architecture from model.path)", p)
     for key in ("param_dtype", "dtype"):
         _check(c.model[key] in DTYPES, f"model.{key}", f"must be one of {DTYPES}", p)
     _check(c.rollout.cache_dtype in DTYPES, "rollout.cache_dtype", f"must be one of {DTYPES}", p)
     _check(c.rollout.get("out_major_weights", "auto") in OUT_MAJOR_CHOICES,
            "rollout.out_major_weights", f"must be one of {sorted(OUT_MAJOR_CHOICES)}", p)
     _check(c.model.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}", p)
-    t, a, r, d = c.trainer, c.algo, c.rollout, c.data
+    d = c.data
     _check(d.max_prompt_length > 0, "data.max_prompt_length", "must be positive", p)
     _check(d.max_response_length > 0, "data.max_response_length", "must be positive", p)
+    if training:
+        _check_training(c, num_devices, p)
+    _check(c.reward.scorer in ("math_dapo", "math_verify"), "reward.scorer",
+           "must be 'math_dapo' or 'math_verify'", p)
+    _check(isinstance(c.reward.boxed_fallback, bool), "reward.boxed_fallback",
+           f"must be True or False, got {c.reward.boxed_fallback!r}", p)
+    _check(0 < c.eval.top_p <= 1, "eval.top_p", "must be in (0, 1]", p)
+    _check(c.eval.n >= 1, "eval.n", "must be >= 1", p)
+    if p:
+        raise ConfigError("Invalid config:\n  " + "\n  ".join(p))
+
+
+def _check_training(c: ml_collections.ConfigDict, num_devices: int | None, p: list[str]) -> None:
+    """The algorithm, batch, mesh, optimizer and warm-start fields a training run reads."""
+    t, a, r, d = c.trainer, c.algo, c.rollout, c.data
     _check(r.n >= 1, "rollout.n", "must be >= 1 (samples per prompt)", p)
     _check(r.n >= 2 or not a.dynamic_sampling.enable, "rollout.n",
            "dynamic sampling needs groups of >= 2 samples; raise rollout.n or disable "
@@ -86,17 +111,9 @@ def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None
     _check(c.optim.lr > 0, "optim.lr", "must be > 0", p)
     _check(t.save_every >= 1, "trainer.save_every", "must be >= 1", p)
     _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1", p)
-    _check(c.reward.scorer in ("math_dapo", "math_verify"), "reward.scorer",
-           "must be 'math_dapo' or 'math_verify'", p)
-    _check(isinstance(c.reward.boxed_fallback, bool), "reward.boxed_fallback",
-           f"must be True or False, got {c.reward.boxed_fallback!r}", p)
-    _check(0 < c.eval.top_p <= 1, "eval.top_p", "must be in (0, 1]", p)
-    _check(c.eval.n >= 1, "eval.n", "must be >= 1", p)
     ws = c.get("warm_start")
     if ws is not None:
         _check(0.0 <= ws.format_noise <= 1.0, "warm_start.format_noise",
                "must be in [0, 1] (share of warm-start draws with an unreadable bare answer)", p)
         _check(ws.steps == 0 or (ws.batch_size >= 1 and ws.lr > 0), "warm_start",
                "with warm_start.steps > 0, batch_size must be >= 1 and lr > 0", p)
-    if p:
-        raise ConfigError("Invalid config:\n  " + "\n  ".join(p))

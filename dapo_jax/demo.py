@@ -75,8 +75,8 @@ def main(argv=None) -> int:
 
     from ml_collections import config_flags  # noqa: F401  (import check: clear error if missing)
 
-    from dapo_jax.metrics_writer import read_metrics
-    from dapo_jax.trainer import Trainer
+    from dapo_jax.training.metrics_writer import read_metrics
+    from dapo_jax.training.trainer import Trainer
 
     config = _load_config(args.config)
     if args.steps:

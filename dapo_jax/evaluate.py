@@ -12,112 +12,65 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
-import time
 from typing import Any, Sequence
 
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_records(driver, tokenizer, records: Sequence[dict], *, dataset: str, n: int, sampling,
-                     max_new_tokens: int, max_prompt_length: int, system_prompt: str | None,
-                     apply_chat_template: bool, out_dir, scorer: str = "math_dapo", seed: int = 0,
-                     write: bool = True,
-                     boxed_fallback: bool = False) -> tuple[str, dict[str, float]]:
-    """Generates n samples per problem, scores them and writes the reports; returns (summary, metrics)."""
-    import data_pipeline as dp
-    from dapo_jax.eval import report
-    from dapo_jax.sampler import RolloutRequest
-
-    rendered = dp.render_prompts(tokenizer, records, max_prompt_length=max_prompt_length,
-                                 system_prompt=system_prompt, apply_chat_template=apply_chat_template)
-    t0 = time.perf_counter()
-    result = driver.generate([RolloutRequest(ids, n=n, max_new_tokens=max_new_tokens)
-                              for ids in rendered.token_ids], seed=seed, sampling=sampling,
-                             desc=f"eval {dataset}")
-    gen_s = time.perf_counter() - t0
-    problems = [{"id": r["id"], "answer": r["ground_truth"]} for r in records]
-    samples = []
-    for rec, group in zip(records, result.samples):
-        for s in group:
-            text = s.text if s.text is not None else tokenizer.decode(s.tokens, skip_special_tokens=True)
-            samples.append({"problem_id": rec["id"], "response": text, "length": s.length,
-                            "finish_reason": s.finish_reason})
-    # Only the writing process (process 0) reports into the shared workdir; the others compute the
-    # same metrics in a private folder (deleting their copies there deleted process 0's reports).
-    out_dir = os.fspath(out_dir) if write else tempfile.mkdtemp(prefix="dapo_eval_")
-    summary = report.write_report(problems, samples, out_dir, dataset=dataset, scorer=scorer,
-                                  max_length=max_new_tokens, boxed_fallback=boxed_fallback)
-    with open(os.path.join(out_dir, report.REPORT_JSON)) as f:
-        metrics = dict(json.load(f)["metrics"])
-    tokens = sum(s["length"] for s in samples)
-    metrics[f"val-aux/{dataset}/timing_s/gen"] = gen_s
-    metrics[f"val-aux/{dataset}/tokens_per_s"] = tokens / max(gen_s, 1e-9)
-    if not write:
-        shutil.rmtree(out_dir, ignore_errors=True)
-    summary += f"\ngenerated {tokens:,} tokens in {gen_s:.1f}s ({tokens / max(gen_s, 1e-9):,.0f} tok/s)"
-    return summary, metrics
-
-
 def _load_checkpoint(path: str, step: int | None, config, mesh):
     """(params, model_config, tokenizer_dir) from a HF directory or a training workdir."""
     import jax
-    import orbax.checkpoint as ocp
     from etils import epath
     from flax import nnx
 
     from dapo_jax import models
     from dapo_jax.models.config import ModelConfig
+    from dapo_jax.training.checkpointing import CHECKPOINT_DIR, CheckpointStore
 
     p = epath.Path(path)
     m = config.model
-    overrides = dict(dtype=m.dtype, remat="none", scan_layers=m.scan_layers)
     if (p / "config.json").exists():
         model, cfg = models.load_pretrained(p, dtype=m.param_dtype, mesh=mesh, compute_dtype=m.dtype,
                                             remat="none", scan_layers=m.scan_layers)
         return model.params(), cfg, os.fspath(p)
-    ckpt_dir = p / "checkpoints"
-    if not ckpt_dir.exists():
+    if not (p / CHECKPOINT_DIR).exists():
         raise FileNotFoundError(f"--checkpoint {path}: neither a HF directory (config.json) nor a "
-                                f"training workdir (checkpoints/)")
-    mngr = ocp.CheckpointManager(os.fspath(ckpt_dir))
-    steps = mngr.all_steps()
+                                f"training workdir ({CHECKPOINT_DIR}/)")
+    store = CheckpointStore(p)
+    steps = store.all_steps()
     if not steps:
-        raise FileNotFoundError(f"{ckpt_dir} holds no complete checkpoint")
+        raise FileNotFoundError(f"{store.directory} holds no complete checkpoint")
     step = max(steps) if step is None else step
     if step not in steps:
-        raise ValueError(f"--step {step} not in {ckpt_dir}; available steps: {sorted(steps)}")
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    fields = dict(meta["model_config"])
-    fields.update(overrides)
+        raise ValueError(f"--step {step} not in {store.directory}; available steps: {steps}")
+    fields = dict(store.read_meta(step)["model_config"])
+    fields.update(dtype=m.dtype, remat="none", scan_layers=m.scan_layers)
     cfg = ModelConfig(**fields)
-    shardings = models.param_shardings(cfg, mesh)
     abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         jax.eval_shape(lambda: models.Qwen2(cfg, rngs=nnx.Rngs(0)).params()),
-        shardings)
-    params = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract))).params
-    mngr.close()
+        models.param_shardings(cfg, mesh))
+    params = store.restore_params(step, abstract)
+    store.close()
     tok = config.tokenizer.path or (os.fspath(p / "toy_tokenizer") if (p / "toy_tokenizer").exists()
                                     else config.model.path)
-    log.info("loaded step %d from %s", step, ckpt_dir)
+    log.info("loaded step %d from %s", step, store.directory)
     return params, cfg, tok
 
 
 def run(config, *, checkpoint: str | None, step: int | None, responses: str | None, out: str,
         progress: bool | None = None) -> dict[str, Any]:
     """Evaluates every dataset in config.data.val; returns {dataset: metrics}."""
-    from dapo_jax import datasets as ds_lib
-    from dapo_jax import models
+    from data_pipeline import datasets as ds_lib
+    from dapo_jax import experiment
     from dapo_jax.eval import report
-    from dapo_jax.models.sharding import make_mesh
-    from dapo_jax.sampler import Engine, RolloutDriver, SamplingParams, out_major_option
+    from dapo_jax.eval.runner import evaluate_records
+    from dapo_jax.sampler import RolloutDriver
 
     results: dict[str, Any] = {}
+    boxed_fallback = bool(config.reward.get("boxed_fallback", False))
     if responses:
         for spec in config.data.val:
             name = ds_lib.dataset_name(spec)
@@ -126,43 +79,33 @@ def run(config, *, checkpoint: str | None, step: int | None, responses: str | No
             summary = report.score_responses_file(
                 responses, problems, os.path.join(out, name), dataset=name,
                 scorer=ds_lib.DEFAULT_SCORER.get(name, config.reward.scorer),
-                boxed_fallback=config.reward.boxed_fallback)
+                boxed_fallback=boxed_fallback)
             print(summary)
             with open(os.path.join(out, name, report.REPORT_JSON)) as f:
                 results[name] = json.load(f)["metrics"]
         return results
     if not checkpoint:
         raise ValueError("give --checkpoint (HF dir or training workdir) or --responses FILE")
-    mesh = make_mesh({"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor},
-                     devices=__import__("jax").devices()[:config.mesh.num_devices or None])
+    mesh = experiment.mesh_from_config(config)
     params, cfg, tok_dir = _load_checkpoint(checkpoint, step, config, mesh)
-    tokenizer = models.load_tokenizer(tok_dir)
-    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    vocab = tokenizer.get_vocab()
-    stop += [vocab[t] for t in config.tokenizer.stop_tokens if t in vocab and vocab[t] not in stop]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
+    # The checkpoint decides the architecture; the config decides everything else, as in training.
+    exp = experiment.build(config, tokenizer_dir=tok_dir, model_config=cfg, mesh=mesh)
     e = config.eval
-    P, R = config.data.max_prompt_length, e.max_new_tokens
-    engine = Engine(cfg, max_concurrent_decodes=config.rollout.max_concurrent_decodes,
-                    max_prefill_length=P, max_target_length=P + R, stop_token_ids=stop,
-                    pad_token_id=pad, mesh=mesh, cache_dtype=config.rollout.cache_dtype,
-                    per_layer_weights=config.rollout.per_layer_weights,
-                    out_major_weights=out_major_option(
-                        config.rollout.get("out_major_weights", "auto")))
-    driver = RolloutDriver(engine, params, steps_per_sync=config.rollout.steps_per_sync,
-                           tokenizer=tokenizer, progress=progress)
-    sampling = SamplingParams(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k)
+    driver = RolloutDriver(exp.engine(max_new_tokens=e.max_new_tokens), params,
+                           steps_per_sync=config.rollout.steps_per_sync, tokenizer=exp.tokenizer,
+                           progress=progress)
     for spec in config.data.val:
         name = ds_lib.dataset_name(spec)
         records = ds_lib.load_records(spec, config, split="val")
         if e.max_problems:
             records = records[:e.max_problems]
         summary, metrics = evaluate_records(
-            driver, tokenizer, records, dataset=name, n=e.n, sampling=sampling, max_new_tokens=R,
-            max_prompt_length=P, system_prompt=config.data.system_prompt,
+            driver, exp.tokenizer, records, dataset=name, n=e.n, sampling=exp.eval_sampling,
+            max_new_tokens=e.max_new_tokens, max_prompt_length=exp.prompt_length,
+            system_prompt=config.data.system_prompt,
             apply_chat_template=config.data.apply_chat_template, out_dir=os.path.join(out, name),
             scorer=ds_lib.DEFAULT_SCORER.get(name, config.reward.scorer), seed=config.seed,
-            boxed_fallback=config.reward.boxed_fallback)
+            boxed_fallback=boxed_fallback)
         print(summary, flush=True)
         results[name] = metrics
     return results

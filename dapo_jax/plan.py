@@ -9,7 +9,7 @@ per-device program gives the numbers. Argument buffers follow exactly from shape
 (the analytic column reproduces them); temporaries are XLA:CPU's buffer assignment, which differs
 somewhat from what XLA:TPU / XLA:GPU would pick.
 
-What stays on device between steps follows dapo_jax/trainer.py: the train params and optimizer
+What stays on device between steps follows dapo_jax/training/trainer.py: the train params and optimizer
 state live for the whole run; the sampler's copy of the weights (sampling layout, model.dtype) and its
 decode state (KV cache) exist only during rollouts (the trainer releases them before the update). So
 the rollout phase is the decode step plus the train state, and the train phase is the update step.
@@ -22,6 +22,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from typing import Any, Sequence
 
@@ -30,14 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dapo_jax import experiment
 from dapo_jax.models import hf_checkpoint
-from dapo_jax.models.config import ModelConfig, from_hf_config, preset
+from dapo_jax.models.config import ModelConfig
 from dapo_jax.models.qwen2 import jnp_dtype, param_shapes
 from dapo_jax.models.sharding import MESH_AXES, make_mesh
 from dapo_jax.sampler.engine import Engine, out_major_option
-from dapo_jax.sampler.sampling import SamplingParams
-from dapo_jax.topology import GIB, Topology, custom_topology, parse_topology
-from dapo_jax.train_step import LossSettings, batch_spec, build_update_fn, make_optimizer
+from dapo_jax.runtime.topology import GIB, Topology, custom_topology, parse_topology
+from dapo_jax.training.update import batch_spec, build_update_fn
 
 TIGHT_HEADROOM = 0.10  # below this the verdict warns: TPU temporaries can exceed XLA:CPU's
 
@@ -176,18 +177,18 @@ class PlanResult:
 
 
 def model_config(config) -> ModelConfig:
-    """The ModelConfig the trainer would build from `config.model` (preset, or the checkpoint's)."""
+    """The trainer's ModelConfig (`experiment.resolve_model_config`), vocabulary sized as it sizes it.
+
+    A random-init preset takes its vocabulary from the tokenizer: the toy tokenizer is built in a
+    scratch folder, any other is read from tokenizer.path (no checkpoint is ever read).
+    """
     m = config.model
-    overrides = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
-                     scan_layers=bool(m.scan_layers))
-    if int(m.get("vocab_size", 0) or 0) > 0:
-        overrides["vocab_size"] = int(m.vocab_size)
-    if m.preset:
-        return preset(m.preset, **overrides)
-    if not m.path:
-        raise ValueError("config.model.preset and config.model.path are both empty: the planner "
-                         "needs the architecture; set --config.model.preset=qwen2.5-32b (or a path)")
-    return from_hf_config(hf_checkpoint.read_hf_config(m.path), **overrides)
+    size = None
+    if m.preset and not m.path and not int(m.get("vocab_size", 0) or 0):
+        from dapo_jax.models.tokenizer import load_tokenizer
+        with tempfile.TemporaryDirectory(prefix="dapo_plan_") as tmp:
+            size = len(load_tokenizer(experiment.tokenizer_source(config, tmp)))
+    return experiment.resolve_model_config(config, tokenizer_size=size)
 
 
 def _validate(config, mesh: Mesh) -> tuple[int, int]:
@@ -211,17 +212,6 @@ def _validate(config, mesh: Mesh) -> tuple[int, int]:
         raise ValueError("rollout.max_concurrent_decodes must be positive, got "
                          f"{config.rollout.max_concurrent_decodes}")
     return micro, mini // micro
-
-
-def loss_settings(config) -> LossSettings:
-    """LossSettings from config.algo / config.trainer (0 means 'off' for the optional knobs)."""
-    a = config.algo
-    return LossSettings(
-        clip_ratio_low=float(a.clip_ratio_low), clip_ratio_high=float(a.clip_ratio_high),
-        clip_ratio_c=float(a.clip_ratio_c) or None, loss_agg_mode=a.loss_agg_mode,
-        loss_scale_length=float(a.loss_scale_length or config.data.max_response_length),
-        log_ratio_clamp=float(a.log_ratio_clamp) or None,
-        chunk_size=int(config.trainer.logprob_chunk_size))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,13 +334,13 @@ def _abstract_minibatch(mesh: Mesh, shapes: Shapes) -> dict[str, jax.ShapeDtypeS
             "seq_count": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)}
 
 
-def _engine(cfg: ModelConfig, mesh: Mesh, shapes: Shapes, sampling: SamplingParams | None = None
-            ) -> Engine:
+def _engine(cfg: ModelConfig, mesh: Mesh, shapes: Shapes) -> Engine:
+    # Stop ids change no buffer: the model's EOS stands in for the tokenizer's.
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else 0
     stop = eos if isinstance(eos, (list, tuple)) else [eos]
     return Engine(cfg, max_concurrent_decodes=shapes.slots, max_prefill_length=shapes.prompt_len,
                   max_target_length=shapes.seq_len, stop_token_ids=stop,
-                  sampling=sampling or SamplingParams(), mesh=mesh, cache_dtype=shapes.cache_dtype,
+                  mesh=mesh, cache_dtype=shapes.cache_dtype,
                   per_layer_weights=shapes.per_layer_weights,
                   out_major_weights=shapes.out_major_weights)
 
@@ -375,29 +365,32 @@ def _memory(compiled, seconds: float) -> StepMemory:
 def compile_train_step(config, cfg: ModelConfig, mesh: Mesh, shapes: Shapes, tx) -> StepMemory:
     """Lowers and compiles one optimizer update (all micro-batches of a mini-batch) for `mesh`."""
     t0 = time.perf_counter()
+    compiled = lower_train_step(config, cfg, mesh, shapes, tx).compile()
+    return _memory(compiled, time.perf_counter() - t0)
+
+
+def lower_train_step(config, cfg: ModelConfig, mesh: Mesh, shapes: Shapes, tx) -> Any:
+    """The trainer's update step (`training.update.build_update_fn` with the experiment's loss
+    settings) lowered for abstract inputs of the planned shapes."""
     param_sh = hf_checkpoint.param_shardings(cfg, mesh)
     params = abstract_params(cfg, param_sh)
     opt = _abstract_opt_state(tx, params, mesh)
     opt_sh = jax.tree.map(lambda x: x.sharding, opt)
     update = build_update_fn(cfg, tx, mesh, param_sh, opt_sh, shapes.prompt_len,
-                             loss_settings(config))
+                             experiment.loss_settings(config, mesh))
     lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
-    compiled = update.lower(params, opt, _abstract_minibatch(mesh, shapes), lr).compile()
-    return _memory(compiled, time.perf_counter() - t0)
+    return update.lower(params, opt, _abstract_minibatch(mesh, shapes), lr)
 
 
 def compile_decode_step(config, cfg: ModelConfig, mesh: Mesh, shapes: Shapes) -> StepMemory:
     """Lowers and compiles the sampler's generate step (steps_per_sync decode steps, all slots)."""
     t0 = time.perf_counter()
-    r = config.rollout
-    sampling = SamplingParams(temperature=float(r.temperature), top_p=float(r.top_p),
-                              top_k=int(r.top_k))
+    sampling = experiment.sampling_params(config.rollout)
 
     def compile_with_cache(cache_dtype: str):
-        engine = _engine(cfg, mesh, dataclasses.replace(shapes, cache_dtype=cache_dtype), sampling)
-        params = engine.abstract_params()
-        generate = engine._build_generate(shapes.steps_per_sync, sampling)
-        return generate.lower(params, _abstract_decode_state(engine)).compile()
+        engine = _engine(cfg, mesh, dataclasses.replace(shapes, cache_dtype=cache_dtype))
+        generate = engine.generate_program(shapes.steps_per_sync, sampling)
+        return generate.lower(engine.abstract_params(), _abstract_decode_state(engine)).compile()
 
     compiled = compile_with_cache(shapes.cache_dtype)
     upcast = 0
@@ -426,21 +419,9 @@ def measure(config, devices: Sequence[jax.Device] | None = None) -> Measurement:
     devices = list(devices if devices is not None else jax.devices())
     cfg = model_config(config)
     mesh = make_mesh({a: int(config.mesh[a]) for a in MESH_AXES}, devices=devices)
-    micro, num_micro = _validate(config, mesh)
-    prompt = int(config.data.max_prompt_length)
-    shapes = Shapes(preset=config.model.preset or config.model.path, num_params=cfg.num_params,
-                    param_dtype=cfg.param_dtype, dtype=cfg.dtype,
-                    cache_dtype=config.rollout.cache_dtype or cfg.dtype, remat=cfg.remat,
-                    mesh={a: int(mesh.shape[a]) for a in MESH_AXES}, micro_batch_size=micro,
-                    num_micro=num_micro, seq_len=prompt + int(config.data.max_response_length),
-                    prompt_len=prompt, slots=int(config.rollout.max_concurrent_decodes),
-                    steps_per_sync=max(1, int(config.rollout.steps_per_sync)),
-                    per_layer_weights=bool(config.rollout.get("per_layer_weights", True)),
-                    out_major_weights=out_major_option(
-                        config.rollout.get("out_major_weights", "auto")))
-    o = config.optim
-    tx = make_optimizer(weight_decay=float(o.weight_decay), grad_clip=float(o.grad_clip),
-                        b1=float(o.b1), b2=float(o.b2), eps=float(o.eps))
+    shapes = planned_shapes(config, cfg, mesh)
+    micro = shapes.micro_batch_size
+    tx, _ = experiment.optimizer(config)
     train = compile_train_step(config, cfg, mesh, shapes, tx)
     decode = compile_decode_step(config, cfg, mesh, shapes)
     alternatives = {}
@@ -450,6 +431,22 @@ def measure(config, devices: Sequence[jax.Device] | None = None) -> Measurement:
         alternatives[label] = analytic(cfg, alt_mesh, alt_shapes, tx)
     return Measurement(shapes=shapes, model=cfg, train=train, decode=decode,
                        analytic=analytic(cfg, mesh, shapes, tx), alternatives=alternatives)
+
+
+def planned_shapes(config, cfg: ModelConfig, mesh: Mesh) -> Shapes:
+    """The sizes the trainer runs `config` at on `mesh` (batch sizes checked against the mesh)."""
+    micro, num_micro = _validate(config, mesh)
+    prompt = int(config.data.max_prompt_length)
+    return Shapes(preset=config.model.preset or config.model.path, num_params=cfg.num_params,
+                  param_dtype=cfg.param_dtype, dtype=cfg.dtype,
+                  cache_dtype=config.rollout.cache_dtype or cfg.dtype, remat=cfg.remat,
+                  mesh={a: int(mesh.shape[a]) for a in MESH_AXES}, micro_batch_size=micro,
+                  num_micro=num_micro, seq_len=prompt + int(config.data.max_response_length),
+                  prompt_len=prompt, slots=int(config.rollout.max_concurrent_decodes),
+                  steps_per_sync=max(1, int(config.rollout.steps_per_sync)),
+                  per_layer_weights=bool(config.rollout.get("per_layer_weights", True)),
+                  out_major_weights=out_major_option(
+                      config.rollout.get("out_major_weights", "auto")))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -30,9 +30,9 @@ def main(argv) -> None:
     del argv
     import jax
 
-    from dapo_jax import distributed
+    from dapo_jax.runtime import distributed
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    from dapo_jax.trainer import PREEMPTED_EXIT_CODE, Preempted, Trainer
+    from dapo_jax.training.trainer import PREEMPTED_EXIT_CODE, Preempted, Trainer
 
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required (checkpoints, metrics and logs go there)")

@@ -31,7 +31,8 @@ from data_pipeline.toy_arithmetic import (
     generate_toy_arithmetic,
     toy_worked_solution,
 )
-from data_pipeline.toy_tokenizer import SPECIAL_TOKENS, TOY_CHAT_TEMPLATE, build_toy_tokenizer
+from data_pipeline.toy_tokenizer import (SPECIAL_TOKENS, TOY_CHAT_TEMPLATE, build_toy_tokenizer,
+                                         toy_corpus)
 
 __all__ = [
     "Aime2024",
@@ -53,6 +54,7 @@ __all__ = [
     "ToyArithmeticConfig",
     "build_tfds_dataset",
     "build_toy_tokenizer",
+    "toy_corpus",
     "decode_example",
     "encode_record",
     "evaluate_expression",

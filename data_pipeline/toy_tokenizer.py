@@ -81,3 +81,15 @@ def build_toy_tokenizer(
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def toy_corpus(records: Iterable[dict]) -> list[str]:
+    """The texts the toy tokenizer is trained on: each problem's raw prompt and worked solution."""
+    from data_pipeline.rendering import render_prompt_text
+    from data_pipeline.toy_arithmetic import toy_worked_solution
+
+    corpus = []
+    for rec in records:
+        corpus.append(render_prompt_text(None, rec, apply_chat_template=False))
+        corpus.append(toy_worked_solution(rec))
+    return corpus

@@ -25,12 +25,10 @@ import sys
 import time
 from typing import Callable, Mapping, NamedTuple, Protocol, Sequence, TextIO
 
+from dapo_jax.training.preemption import PREEMPTED_EXIT_CODE
 from launch import gcloud, remote
 from launch.errors import LaunchError
 
-# The trainer exits with this code after checkpointing on SIGTERM (preemption notice or `stop`);
-# dapo_jax's trainer imports it from here so both sides agree.
-PREEMPTED_EXIT_CODE = 42
 
 DEFAULT_PYTHON = "python3.11"
 DEFAULT_REMOTE_DIR = "dapo_jax"

@@ -8,7 +8,8 @@ tensor=2): once as one process with 8 fake devices, once as 2 processes x 4 fake
 `jax.distributed` (coordinator on 127.0.0.1). Arrays of the second run span both processes, so host
 reads, jit inputs, the SFT warm start and its cache, checkpoints, validation, the HF export and
 logging all take their multi-host paths. Prints each metric side by side; exits non-zero if a
-metric or an exported weight differs by more than the tolerance, or a run fails.
+metric or an exported weight differs by more than the tolerance (a fraction of the
+values' size, never a fixed absolute amount), or a run fails.
 
 `--preempt` also sends SIGTERM to process 1 alone after step 1 (a preemption notice reaching one
 host first): both processes must then stop after the same step with exit code 42 and one
@@ -245,9 +246,30 @@ def comparable(record: Mapping[str, float]) -> dict[str, float]:
             if not (k.startswith(TIMING_PREFIXES) or "/timing_s/" in k or k.endswith("tokens_per_s"))}
 
 
+def _term_scale(record: Mapping[str, float], key: str) -> float:
+    """Size of the float32 terms a metric is a small difference of (0 for other metrics).
+
+    Round-off in such a metric is relative to its terms, not to its value: the KL between two
+    copies of one policy is +-3e-8 around 0, the noise of log-probs of size ~entropy.
+    """
+    if key in ("actor/pg_loss", "actor/loss"):  # sums of advantage x ratio terms
+        return max(abs(record.get("critic/advantages/max", 0.0)),
+                   abs(record.get("critic/advantages/min", 0.0)))
+    if key == "actor/ppo_kl":  # differences of log-probs; their mean size is the entropy
+        return abs(record.get("actor/entropy", 0.0))
+    if key.startswith("training/rollout_probs_diff"):  # differences of probabilities
+        return 1.0
+    return 0.0
+
+
 def compare_metrics(expected: Sequence[Mapping[str, float]], actual: Sequence[Mapping[str, float]],
-                    *, rtol: float = 1e-5, atol: float = 1e-5) -> list[str]:
-    """Every difference between two metric logs beyond |a - b| <= atol + rtol |a| (empty = equal)."""
+                    *, rtol: float = 1e-5) -> list[str]:
+    """Every difference between two metric logs beyond rtol times the values' size (empty = equal).
+
+    The size is max(|a|, |b|), or the size of the terms for metrics that are small differences of
+    larger terms (`_term_scale`): no fixed absolute tolerance, which would pass any value of a
+    metric that is itself far smaller than it.
+    """
     problems = []
     if len(expected) != len(actual):
         problems.append(f"{len(expected)} records vs {len(actual)}")
@@ -259,8 +281,43 @@ def compare_metrics(expected: Sequence[Mapping[str, float]], actual: Sequence[Ma
                             f"{sorted(e.keys() - a.keys())}, only in the second "
                             f"{sorted(a.keys() - e.keys())}")
         for k in sorted(e.keys() & a.keys()):
-            if not abs(e[k] - a[k]) <= atol + rtol * abs(e[k]):
-                problems.append(f"step {step}: {k}: {e[k]!r} vs {a[k]!r}")
+            size = max(abs(e[k]), abs(a[k]), _term_scale(e, k))
+            if not abs(e[k] - a[k]) <= rtol * size:
+                problems.append(f"step {step}: {k}: {e[k]!r} vs {a[k]!r} (|difference| "
+                                f"{abs(e[k] - a[k]):.3g} > {rtol:g} x size {size:.3g})")
+    return problems
+
+
+def tree_differences(expected: Any, actual: Any, *, rtol: float, start: Any = None) -> list[str]:
+    """Leaves of two pytrees (dicts of arrays) that differ by more than rtol times their size.
+
+    Per leaf: max |expected - actual| <= rtol * max |expected|, or, given `start` (the values
+    both runs began from), rtol times the largest change the expected run made from it: weights
+    move by ~lr per step from a much larger initialisation, and a difference in the updates is
+    measured against the updates.
+    """
+    import jax
+    import numpy as np
+
+    want, want_def = jax.tree_util.tree_flatten_with_path(expected)
+    have, have_def = jax.tree.flatten(actual)
+    if want_def != have_def:
+        return [f"tree structures differ:\n  {want_def}\n  {have_def}"]
+    starts = jax.tree.leaves(start) if start is not None else [None] * len(want)
+    problems = []
+    for (path, w), h, s0 in zip(want, have, starts):
+        name = jax.tree_util.keystr(path)
+        w, h = np.asarray(w, np.float64), np.asarray(h, np.float64)
+        if w.shape != h.shape:
+            problems.append(f"{name}: shape {w.shape} vs {h.shape}")
+            continue
+        if not w.size:
+            continue
+        size = np.max(np.abs(w if s0 is None else w - np.asarray(s0, np.float64)))
+        diff = np.max(np.abs(w - h))
+        if not diff <= rtol * size:
+            what = "largest change from the start" if s0 is not None else "largest |value|"
+            problems.append(f"{name}: max |difference| {diff:.3g} > {rtol:g} x {what} {size:.3g}")
     return problems
 
 
@@ -283,22 +340,14 @@ def _table(single: Sequence[Mapping], multi: Sequence[Mapping]) -> str:
     return "\n".join(lines)
 
 
-def compare_exports(a: pathlib.Path, b: pathlib.Path, *, rtol: float, atol: float) -> list[str]:
-    """Differences between the tensors of two exported HF checkpoint directories."""
-    import numpy as np
+def compare_exports(a: pathlib.Path, b: pathlib.Path, *, rtol: float) -> list[str]:
+    """Differences between the tensors of two exported HF checkpoint directories (tree_differences)."""
     from safetensors.numpy import load_file
 
     ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     if ta.keys() != tb.keys():
         return [f"exported tensor names differ: {sorted(ta.keys() ^ tb.keys())}"]
-    out = []
-    for k in sorted(ta):
-        if ta[k].shape != tb[k].shape:
-            out.append(f"exported {k}: shape {ta[k].shape} vs {tb[k].shape}")
-        elif not np.allclose(ta[k], tb[k], rtol=rtol, atol=atol):
-            diff = np.max(np.abs(ta[k].astype(np.float64) - tb[k].astype(np.float64)))
-            out.append(f"exported {k}: max |difference| {diff:.3g}")
-    return out
+    return [f"exported {p}" for p in tree_differences(ta, tb, rtol=rtol)]
 
 
 def _preempted_multi_run(workdir: pathlib.Path, overrides: Mapping[str, Any], args) -> list[str]:
@@ -343,8 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "with the single-process metrics (needs --steps >= 3)")
     ap.add_argument("--workdir", default=None, help="where the runs write (default: a temp dir)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
-    ap.add_argument("--rtol", type=float, default=1e-5)
-    ap.add_argument("--atol", type=float, default=1e-5)
+    ap.add_argument("--rtol", type=float, default=1e-5,
+                    help="metrics may differ by this fraction of their size (compare_metrics)")
+    ap.add_argument("--weights-rtol", type=float, default=1e-4,
+                    help="exported weights may differ by this fraction of each tensor's largest "
+                         "|value| (tree_differences)")
     ap.add_argument("--compilation-cache-dir", default=None,
                     help="persistent XLA cache shared by the runs (default: none)")
     ap.add_argument("--keep", action="store_true", help="keep the workdir of a temp-dir run")
@@ -380,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not problems:
         single, multi = read_metrics(root / "single"), read_metrics(root / "multi")
         print(_table(single, multi))
-        problems += compare_metrics(single, multi, rtol=args.rtol, atol=args.atol)
+        problems += compare_metrics(single, multi, rtol=args.rtol)
         if [r["step"] for r in single] != list(range(1, args.steps + 1)):
             problems.append(f"single-process run logged steps {[r['step'] for r in single]}")
         if not any(k.startswith("val-core/") for k in single[-1]):
@@ -397,14 +449,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 problems.append(f"{name}: no validation report in {reports}")
         export = pathlib.Path("hf_export") / f"step_{args.steps}"
         problems += compare_exports(root / "single" / export, root / "multi" / export,
-                                    rtol=args.rtol, atol=args.atol)
+                                    rtol=args.weights_rtol)
     if not args.workdir and not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     if problems:
         print("MISMATCH:\n  " + "\n  ".join(problems))
         return 1
     print(f"OK: {args.steps} steps, {len(comparable(single[0])) - 1} metrics each, and the exported "
-          f"weights, equal within rtol={args.rtol} atol={args.atol}")
+          f"weights, equal within {args.rtol:g} (metrics) and {args.weights_rtol:g} (weights) of "
+          f"their size")
     return 0
 
 
@@ -412,7 +465,8 @@ def train_with_stand_in_reward(argv: Sequence[str]) -> None:
     """`python -m dapo_jax.train argv...` with `byte_parity_reward` in place of score_batch."""
     from absl import app
 
-    from dapo_jax import train, trainer
+    from dapo_jax import train
+    from dapo_jax.training import trainer
     trainer.score_batch = byte_parity_reward
     app.run(train.main, argv=["scripts.multihost_check train", *argv])
 

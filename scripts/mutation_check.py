@@ -41,24 +41,24 @@ MUTATIONS = (
     Mutation(
         "micro_batch_token_count",
         "the update divides each micro-batch by its own token count instead of the mini-batch's",
-        "dapo_jax/train_step.py",
+        "dapo_jax/training/update.py",
         "global_token_count=None if legacy else token_count,",
         "global_token_count=None if legacy else jnp.sum(micro[\"response_mask\"]),",
         ("tests/test_trainer_reference.py",)),
     Mutation(
         "overlong_penalty_in_characters",
         "the trainer measures the soft overlong punishment in characters instead of tokens",
-        "dapo_jax/trainer.py",
-        "score = score + np.asarray(algo.overlong_penalty(\n                lengths,",
-        "score = score + np.asarray(algo.overlong_penalty(\n"
-        "                np.asarray([len(s.text or '') for s in samples], np.int32),",
+        "dapo_jax/training/trainer.py",
+        "acc,\n                                        lengths, eos, self.shaping)",
+        "acc,\n                                        np.asarray([len(s.text or '') for s in samples]),"
+        " eos, self.shaping)",
         ("tests/test_trainer_reference.py",)),
     Mutation(
         "response_mask_drops_eos",
         "the response mask leaves out the last (EOS) token of every response",
-        "dapo_jax/trainer.py",
-        "resp_mask[i, :s.length] = 1",
-        "resp_mask[i, :s.length - 1] = 1",
+        "dapo_jax/training/batching.py",
+        'out["response_mask"][i, :len(resp)] = 1',
+        'out["response_mask"][i, :len(resp) - 1] = 1',
         ("tests/test_trainer_reference.py",)),
     Mutation(
         "update_params_recompiles",

@@ -8,7 +8,7 @@ when the persistent compilation cache spares it the XLA time.
 import jax
 import jax.numpy as jnp
 
-from dapo_jax.trainer import Trainer
+from dapo_jax.training.trainer import Trainer
 from tests.compile_counter import count_compiles
 from tests.test_trainer import small_config, text_hash_scores
 

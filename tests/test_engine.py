@@ -25,9 +25,9 @@ def _prompts(vocab, lengths=(5, 9, 3, 12, 7), seed=0):
 def _driver(cfg, params, *, slots=4, sampling=GREEDY, mesh=None, steps=4, per_layer=True,
             out_major=None):
     eng = Engine(cfg, max_concurrent_decodes=slots, max_prefill_length=16, max_target_length=48,
-                 stop_token_ids=[EOS], sampling=sampling, mesh=mesh, per_layer_weights=per_layer,
+                 stop_token_ids=[EOS], mesh=mesh, per_layer_weights=per_layer,
                  out_major_weights=out_major)
-    return RolloutDriver(eng, params, steps_per_sync=steps, progress=False)
+    return RolloutDriver(eng, params, steps_per_sync=steps, progress=False, sampling=sampling)
 
 
 @pytest.fixture(scope="module")
@@ -171,17 +171,39 @@ def test_eight_fake_devices_give_the_same_outputs_as_one(tiny, greedy_driver):
 def test_jetstream_api_prefill_insert_generate(tiny):
     model, cfg, _ = tiny
     eng = Engine(cfg, max_concurrent_decodes=2, max_prefill_length=16, max_target_length=32,
-                 stop_token_ids=[EOS], sampling=GREEDY)
+                 stop_token_ids=[EOS])
     params = eng.load_params(model)
     state = eng.init_decode_state()
     prompt = _prompts(cfg.vocab_size, lengths=(6,))[0]
     padded, true_len = eng.pad_tokens(prompt)
     assert padded.shape == (16,) and true_len == 6 and eng.samples_per_slot == 1
-    prefix, first = eng.prefill(params, padded, true_len)
+    prefix, first = eng.prefill(params, padded, true_len, sampling=GREEDY)
     state = eng.insert(prefix, state, slot=1, max_new_tokens=5)
-    state, res = eng.generate(params, state, num_steps=6)
+    state, res = eng.generate(params, state, num_steps=6, sampling=GREEDY)
     slot = res.get_result_at_slot(1)
     assert slot["tokens"][0] == first.tokens[0, 0]  # greedy: same first token as prefill
     assert slot["valid"].sum() == 5 and slot["done"][4] and not res.valid[:, 0].any()
     with pytest.raises(ValueError, match="max_prefill_length"):
         eng.pad_tokens(list(range(3, 20)))
+
+
+def test_every_call_samples_with_its_own_settings(tiny):
+    """Sampling settings are an argument of each call: a prefill compiled for greedy decoding is
+    not reused for temperature sampling (the engine holds no sampling state to go stale)."""
+    model, cfg, _ = tiny
+    eng = Engine(cfg, max_concurrent_decodes=2, max_prefill_length=16, max_target_length=32,
+                 stop_token_ids=[EOS])
+    params = eng.load_params(model)
+    padded, true_len = eng.pad_tokens(_prompts(cfg.vocab_size, lengths=(6,))[0])
+    _, greedy = eng.prefill(params, padded, true_len, sampling=GREEDY)
+    _, sampled = eng.prefill(params, padded, true_len, key=jax.random.key(3), sampling=SAMPLE)
+    assert greedy.sampling_logprobs[0, 0] == 0.0  # argmax: no sampling distribution
+    # Temperature 1, no truncation: the sampling log-prob is the policy's (and not zero).
+    assert sampled.sampling_logprobs[0, 0] < 0.0
+    np.testing.assert_allclose(sampled.sampling_logprobs, sampled.logprobs, atol=1e-6)
+    state = eng.init_decode_state()
+    state = eng.insert(eng.prefill_prefix(params, padded, true_len), state, slot=0,
+                       max_new_tokens=4)
+    _, g = eng.generate(params, state, num_steps=2, sampling=GREEDY)
+    assert g.valid[:, 0].all() and (g.sampling_logprobs[:, 0] == 0.0).all()
+

@@ -3,7 +3,6 @@
 verl's own file is the reference in tests/test_math_dapo_verl.py; these tables pin the behaviours
 one by one, so a failure here names the rule that broke.
 """
-import types
 
 import pytest
 
@@ -199,17 +198,16 @@ def _fallback_batch():
 
 
 def test_config_option_reaches_score_batch_through_the_trainer():
-    from dapo_jax.trainer import Trainer
+    from dapo_jax.training.trainer import configured_reward
 
     responses, truths, expected = _fallback_batch()
     config = get_base_config()
+    config.model.preset = "tiny"
     assert config.reward.boxed_fallback is False  # the paper's scorer by default
     for flag in (False, True):
         config.reward.boxed_fallback = flag
         validate_config(config)
-        # Only `self.config` is used, so a stand-in object is enough to call the real method.
-        results = Trainer._configured_reward(types.SimpleNamespace(config=config),
-                                             responses, truths)
+        results = configured_reward(config)(responses, truths)
         assert [r["acc"] for r in results] == expected[flag], flag
 
 

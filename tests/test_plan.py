@@ -11,7 +11,7 @@ import pytest
 
 from configs.base import get_base_config
 from dapo_jax import plan as planner
-from dapo_jax.topology import GB, GIB, custom_topology, parse_topology
+from dapo_jax.runtime.topology import GB, GIB, custom_topology, parse_topology
 
 # Qwen2.5-0.5B by hand (config.json: vocab 151936, hidden 896, mlp 4864, 24 layers, 14 heads, 2 KV
 # heads, head_dim 64, tied embeddings, QKV bias): per layer q 896*896+896, k and v 896*128+128 each,
@@ -24,6 +24,7 @@ SEQ, SLOTS, MICRO, MINI = 32, 8, 8, 16
 def _small_config():
     c = get_base_config()
     c.model.preset = "qwen2.5-0.5b"
+    c.model.vocab_size = 151936  # the published vocabulary (not sized to the toy tokenizer)
     c.model.param_dtype = "float32"
     c.model.remat = "full"
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1

@@ -8,7 +8,8 @@ reproduces its rollout exactly, and another seed (the next RL step's) or sample 
 
 Log-probs: at temperature 0.7 with top-k / top-p, `Sample.sampling_logprobs` is the log-prob under
 the distribution actually sampled (temperature, truncation, renormalisation) and `Sample.logprobs`
-the log-prob under the unmodified policy, log_softmax(logits) without temperature (the contract in
+the log-prob under the policy at the sampling temperature, log_softmax(logits / T) without top-k /
+top-p (the policy the trainer optimises; the contract in
 `sampler.sampling.sample_tokens` and `rollout.Sample`). Both are checked against a full forward pass
 of the generated sequence through the training-side forward, transformed by numpy code written here.
 """
@@ -283,8 +284,8 @@ def test_logprobs_equal_full_forward_recomputation_with_temperature_and_truncati
         for t, tok in enumerate(s.tokens):
             row = logits[i, len(p) - 1 + t]  # the logits that predicted response token t
             where = f"sample {i} step {t}"
-            np.testing.assert_allclose(s.logprobs[t], _log_softmax(row)[tok], atol=1e-5,
-                                       err_msg=f"policy log-prob (no temperature), {where}")
+            np.testing.assert_allclose(s.logprobs[t], _log_softmax(row / sp.temperature)[tok],
+                                       atol=1e-5, err_msg=f"policy log-prob at T, {where}")
             tokens += 1
             want, keep, ambiguous = reference_logprobs(row, sp)
             if ambiguous:

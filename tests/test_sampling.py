@@ -47,7 +47,9 @@ def test_sampling_frequencies_match_target_distribution(params):
     chi = stats.chisquare(counts[support], target[support] * N)
     assert chi.pvalue > 1e-3, (counts, target * N)
     np.testing.assert_allclose(np.asarray(sample_lp), np.log(target[tokens]), atol=1e-5)
-    full = LOGITS - np.log(np.exp(LOGITS).sum())
+    # The policy log-prob is the trainer's policy: softmax(logits / T), without top-k / top-p.
+    scaled = LOGITS / params.temperature
+    full = scaled - np.log(np.exp(scaled).sum())
     np.testing.assert_allclose(np.asarray(policy_lp), full[tokens], atol=1e-5)
 
 

@@ -22,7 +22,7 @@ import torch
 import jax
 from dapo_jax import models
 from dapo_jax.sampler.rollout import RolloutResult, Sample
-from dapo_jax.trainer import Trainer
+from dapo_jax.training.trainer import Trainer
 from tests.test_trainer import small_config
 
 G = 4  # samples per prompt
@@ -117,7 +117,7 @@ def run_trainer_step(tmp_path, **kw):
     """One trainer step; returns its metrics, the rollout, and HF-named initial params, grad, params."""
     tr = Trainer(step_config(**kw), str(tmp_path), progress=False, reward_fn=known_rewards,
                  rollout=InjectedRollout(stop_id=0, vocab=0))
-    tr.driver.stop_id, tr.driver.vocab = tr.stop_ids[0], len(tr.tokenizer)
+    tr.driver.stop_id, tr.driver.vocab = tr.exp.stop_ids[0], len(tr.tokenizer)
     before = _hf(jax.device_get(tr.params), tr.model_cfg)
     (metrics,) = tr.train()
     # AdamW's first moment after one step is (1 - b1) * the (clipped) gradient.
@@ -125,7 +125,7 @@ def run_trainer_step(tmp_path, **kw):
     grad = {k: v / (1 - B1) for k, v in _hf(jax.device_get(mu), tr.model_cfg).items()}
     after = _hf(jax.device_get(tr.params), tr.model_cfg)
     out = dict(metrics=metrics, rollout=tr.driver, cfg=tr.model_cfg, before=before, grad=grad,
-               after=after, stop_id=tr.stop_ids[0])
+               after=after, stop_id=tr.exp.stop_ids[0])
     tr.close()
     return out
 

@@ -5,6 +5,7 @@
 * :mod:`.advantages`: group-relative advantages (Eq. 9).
 * :mod:`.overlong`: soft overlong punishment (Eq. 13) and overlong filtering.
 * :mod:`.dynamic_sampling`: group filter (Eq. 11) and the host-side accumulator.
+* :mod:`.shaping`: all of the above applied to one generation batch (one pure function).
 
 See docs/algorithm.md for the equations, verl differences and metric names.
 """
@@ -18,6 +19,7 @@ from dapo_jax.algo.dynamic_sampling import (
     select_filter_metric,
 )
 from dapo_jax.algo.overlong import is_truncated, overlong_filter_mask, overlong_penalty
+from dapo_jax.algo.shaping import ShapedBatch, ShapingSettings, shape_rewards
 from dapo_jax.algo.policy_loss import (
     LOSS_AGG_MODES,
     aggregate_loss,
@@ -28,6 +30,9 @@ from dapo_jax.algo.policy_loss import (
 
 __all__ = [
     "LOSS_AGG_MODES",
+    "ShapedBatch",
+    "ShapingSettings",
+    "shape_rewards",
     "DynamicSamplingAccumulator",
     "DynamicSamplingCapError",
     "FilterMetric",

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dapo_jax.host_transfer import tree_to_host
+from dapo_jax.runtime.host_transfer import tree_to_host
 from dapo_jax.models.config import ModelConfig
 from dapo_jax.models.qwen2 import (Params, decoder_apply, jnp_dtype, lm_logits, lm_logits_vocab_major,
                                    param_logical_axes, param_shapes, transpose_kernels,
@@ -95,7 +95,7 @@ class Engine:
 
     def __init__(self, model_config: ModelConfig, *, max_concurrent_decodes: int,
                  max_prefill_length: int, max_target_length: int, stop_token_ids: Sequence[int],
-                 pad_token_id: int = 0, sampling: SamplingParams = SamplingParams(),
+                 pad_token_id: int = 0,
                  mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None,
                  cache_dtype: str | None = None, min_prefill_bucket: int = 16,
                  per_layer_weights: bool = True, out_major_weights: bool | None = None):
@@ -113,7 +113,6 @@ class Engine:
         self.max_target_length = int(max_target_length)
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
         self.pad_token_id = int(pad_token_id)
-        self.sampling = sampling
         self.cache_dtype = cache_dtype or model_config.dtype
         self.buckets = prefill_buckets(self._max_prefill, min_prefill_bucket)
         # Per-layer weight arrays (not stacked) make a decode step read each weight in place instead
@@ -267,18 +266,21 @@ class Engine:
         return padded, n
 
     def prefill(self, params: Params, padded_tokens: jax.Array | np.ndarray, true_length: int,
-                *, key: jax.Array | None = None) -> tuple[Prefix, ResultTokens]:
+                *, key: jax.Array | None = None, sampling: SamplingParams = SamplingParams()
+                ) -> tuple[Prefix, ResultTokens]:
         """Runs the prompt through the model. Returns (prefix, first-token result).
 
         The prefix holds the prompt's KV cache; `insert` resumes each slot from the prompt's last
         token, so the n slots that share one prefix draw their first tokens independently.
         """
         bucket = self._check_bucket(padded_tokens)
-        if bucket not in self._prefill:
-            self._prefill[bucket] = self._build_prefill(bucket)
+        # Keyed by everything the program bakes in: the first token is drawn with `sampling`.
+        sig = ("first", bucket, sampling)
+        if sig not in self._prefill:
+            self._prefill[sig] = self._build_prefill(bucket, sampling)
         key = jax.random.key_data(key) if key is not None else jnp.zeros((2,), jnp.uint32)
-        prefix, first = self._prefill[bucket](params, jnp.asarray(padded_tokens, jnp.int32),
-                                              jnp.int32(true_length), key)
+        prefix, first = self._prefill[sig](params, jnp.asarray(padded_tokens, jnp.int32),
+                                           jnp.int32(true_length), key)
         first = tree_to_host(first)
         one = lambda x: np.asarray(x).reshape(1, 1)  # noqa: E731
         result = ResultTokens(tokens=one(first["token"]), valid=np.ones((1, 1), bool),
@@ -306,12 +308,14 @@ class Engine:
         bucket = self._check_bucket(padded_tokens)
         key = ("prefix", bucket)
         if key not in self._prefill:
-            self._prefill[key] = self._build_prefill(bucket, first_token=False)
+            self._prefill[key] = self._build_prefill(bucket, None)
         return self._prefill[key](params, jnp.asarray(padded_tokens, jnp.int32),
                                   jnp.int32(true_length))
 
-    def _build_prefill(self, bucket: int, first_token: bool = True):
-        cfg, sp, mesh, rules = self.config, self.sampling, self.mesh, self.rules
+    def _build_prefill(self, bucket: int, sp: SamplingParams | None):
+        """The prefill program; with sampling params `sp` it also draws the first token."""
+        first_token = sp is not None
+        cfg, mesh, rules = self.config, self.mesh, self.rules
         om = self.out_major_weights
         kv_sh = named_sharding(mesh, ("layers", None, "act_kv_heads", None, "head_dim"),
                                (cfg.num_layers, 1, cfg.num_kv_heads, bucket, cfg.head_dim), rules)
@@ -406,22 +410,27 @@ class Engine:
                        in_shardings=(None, self.state_shardings, rep, rep, rep),
                        out_shardings=self.state_shardings)
 
-    def generate(self, params: Params, decode_state: DecodeState, *, num_steps: int = 1
-                 ) -> tuple[DecodeState, ResultTokens]:
-        """Advances every active slot by `num_steps` tokens in one device call."""
-        sig = (int(num_steps), self.sampling)
-        if sig not in self._generate:
-            self._generate[sig] = self._build_generate(int(num_steps), self.sampling)
-        state, out = self._generate[sig](params, decode_state)
+    def generate(self, params: Params, decode_state: DecodeState, *, num_steps: int = 1,
+                 sampling: SamplingParams = SamplingParams()) -> tuple[DecodeState, ResultTokens]:
+        """Advances every active slot by `num_steps` tokens drawn with `sampling`, in one call."""
+        state, out = self.generate_async(params, decode_state, num_steps=num_steps,
+                                         sampling=sampling)
         out = tree_to_host(out)
         return state, ResultTokens(**{k: np.asarray(v) for k, v in out.items()})
 
-    def generate_async(self, params: Params, decode_state: DecodeState, *, num_steps: int = 1):
+    def generate_async(self, params: Params, decode_state: DecodeState, *, num_steps: int = 1,
+                       sampling: SamplingParams = SamplingParams()):
         """Like `generate` but returns device arrays (no host sync), for pipelined drivers."""
-        sig = (int(num_steps), self.sampling)
+        return self.generate_program(num_steps, sampling)(params, decode_state)
+
+    def generate_program(self, num_steps: int, sampling: SamplingParams):
+        """The jitted decode program jit(params, state) -> (state, results) for `num_steps` steps
+        drawn with `sampling`; built once per (num_steps, sampling). `.lower()` it with abstract
+        inputs (`abstract_params()`, the state's shapes) to plan memory without running it."""
+        sig = (int(num_steps), sampling)
         if sig not in self._generate:
-            self._generate[sig] = self._build_generate(int(num_steps), self.sampling)
-        return self._generate[sig](params, decode_state)
+            self._generate[sig] = self._build_generate(int(num_steps), sampling)
+        return self._generate[sig]
 
     def _build_generate(self, num_steps: int, sp: SamplingParams):
         cfg, mesh, rules, om = self.config, self.mesh, self.rules, self.out_major_weights

@@ -36,7 +36,9 @@ class Sample:
     """One generated response."""
 
     tokens: np.ndarray  # [L] int32, including the stop token when finish_reason == "eos"
-    logprobs: np.ndarray  # [L] float32 log-probs under the unmodified policy
+    # [L] float32 log-probs under the policy at the sampling temperature, log_softmax(logits / T)
+    # without top-k / top-p: what the trainer's old log-probs recompute (T = 1 when greedy).
+    logprobs: np.ndarray
     sampling_logprobs: np.ndarray  # [L] float32 log-probs under the sampling distribution
     finish_reason: str  # "eos" | "length"
     text: str | None = None
@@ -66,13 +68,16 @@ class RolloutDriver:
     """Generates n samples per prompt with continuous batching over the engine's decode slots."""
 
     def __init__(self, engine: Engine, params: Any = None, *, steps_per_sync: int = 8,
-                 tokenizer: Any = None, progress: bool | None = None):
+                 tokenizer: Any = None, progress: bool | None = None,
+                 sampling: SamplingParams = SamplingParams()):
+        """`sampling` is the default of `generate(sampling=None)`."""
         if steps_per_sync < 1:
             raise ValueError(f"steps_per_sync must be >= 1, got {steps_per_sync}")
         self.engine = engine
         self.steps_per_sync = int(steps_per_sync)
         self.tokenizer = tokenizer
         self.progress = progress
+        self.sampling = sampling
         self.params = None if params is None else engine.load_params(params)
         self._state = None
 
@@ -92,8 +97,7 @@ class RolloutDriver:
         if self.params is None:
             raise RuntimeError("RolloutDriver has no weights: pass params= or call update_params()")
         eng = self.engine
-        if sampling is not None and sampling != eng.sampling:
-            eng.sampling = sampling
+        sampling = self.sampling if sampling is None else sampling
         for i, r in enumerate(requests):
             if r.n < 1:
                 raise ValueError(f"request {i}: n must be >= 1, got {r.n}")
@@ -154,7 +158,8 @@ class RolloutDriver:
                 stats["prefill_s"] += time.perf_counter() - t0
             # Decode several steps per host round-trip.
             t0 = time.perf_counter()
-            state, res = eng.generate(self.params, state, num_steps=self.steps_per_sync)
+            state, res = eng.generate(self.params, state, num_steps=self.steps_per_sync,
+                                      sampling=sampling)
             stats["decode_s"] += time.perf_counter() - t0
             stats["decode_steps"] += self.steps_per_sync
             for t in range(res.tokens.shape[0]):

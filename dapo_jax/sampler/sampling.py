@@ -151,9 +151,10 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams, *,
                   vocab_axis: int = -1) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Draws one token per row. logits [B, V] float (or [V, B] with `vocab_axis=0`), keys [B].
 
-    Returns (tokens [B], log-prob under the sampling distribution [B], log-prob under the
-    unmodified policy, i.e. log_softmax(logits) [B]). Vocab-major logits are sampled in place for
-    greedy and temperature-only sampling; top-k / top-p transpose them to [B, V] first.
+    Returns (tokens [B], log-prob under the sampling distribution [B], log-prob under the policy
+    at the sampling temperature, log_softmax(logits / T) without top-k / top-p [B]: the policy the
+    trainer optimises; T = 1 for greedy). Vocab-major logits are sampled in place for greedy and
+    temperature-only sampling; top-k / top-p transpose them to [B, V] first.
     """
     logits = logits.astype(jnp.float32)
     vocab_major = vocab_axis in (0, -logits.ndim)
@@ -168,12 +169,15 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams, *,
     if params.is_greedy:
         tokens = jnp.argmax(logits, axis=axis)
         sample_lp = jnp.zeros(tokens.shape, jnp.float32)
-        policy_lse = jax.nn.logsumexp(logits, axis=axis)
+        policy, policy_lse = logits, jax.nn.logsumexp(logits, axis=axis)
     else:
         x = sampling_logits(logits, params)  # temperature only, if still vocab-major: any layout
         tokens, lse = _categorical(keys, x, axis)
         sample_lp = pick(x, tokens) - lse
-        unmodified = params.temperature == 1.0 and params.top_p == 1.0 and not params.top_k
-        policy_lse = lse if unmodified else jax.nn.logsumexp(logits, axis=axis)
-    pol = pick(logits, tokens) - policy_lse
+        if params.top_p == 1.0 and not params.top_k:  # x is logits / T: the policy itself
+            policy, policy_lse = x, lse
+        else:
+            policy = sampling_logits(logits, SamplingParams(temperature=params.temperature))
+            policy_lse = jax.nn.logsumexp(policy, axis=axis)
+    pol = pick(policy, tokens) - policy_lse
     return tokens.astype(jnp.int32), sample_lp, pol

@@ -7,24 +7,7 @@ import math
 import os
 from typing import Mapping
 
-import jax
 from etils import epath
-
-# Dense bf16 peak FLOP/s per device, by `device_kind` substring (for MFU).
-PEAK_BF16_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
-}
-
-
-def peak_flops_per_device() -> float:
-    """The accelerator's dense bf16 peak, or 0 when unknown (CPU): MFU is then not reported."""
-    kind = jax.devices()[0].device_kind
-    for key, value in PEAK_BF16_FLOPS.items():
-        if key.lower() in kind.lower():
-            return value
-    return 0.0
-
 
 class MetricsWriter:
     """Appends one JSON line per step and mirrors scalars to TensorBoard."""

@@ -1,14 +1,15 @@
-"""Jitted training computations with explicit shardings: log-probs, and one DAPO optimizer update.
+"""Jitted policy-update computations with explicit shardings: old log-probs and one DAPO update.
 
-An update takes one mini-batch laid out as [num_micro, micro_batch, ...] and scans over the
-micro-batches accumulating gradients. Each micro-batch's loss is its token-sum divided by the
-*mini-batch's* token count (DAPO Eq. 12), so the summed gradient is exactly the mini-batch's.
+Both take one mini-batch laid out as [num_micro, micro_batch, ...] and scan over its micro-batches,
+so the old log-probs stay on device in exactly the layout the update reads. Each micro-batch's loss
+is its token-sum divided by the *mini-batch's* token count (DAPO Eq. 12), so the summed gradient is
+exactly the mini-batch's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -38,13 +39,14 @@ class LossSettings:
     temperature: float = 1.0
 
 
-def lr_schedule(lr: float, warmup_steps: int) -> Callable[[int], float]:
-    """Linear warmup from 0 over `warmup_steps` training steps, then constant (the paper's schedule)."""
-    def schedule(step):
-        if warmup_steps <= 0:
-            return lr
-        return lr * jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / warmup_steps)
-    return schedule
+def lr_schedule(lr: float, warmup_steps: int) -> optax.Schedule:
+    """The paper's schedule: linear warmup over `warmup_steps` training steps, then constant.
+
+    Step s (from 0) trains at lr * min(1, (s + 1) / warmup_steps): the first step already learns.
+    """
+    if warmup_steps <= 1:
+        return optax.constant_schedule(lr)
+    return optax.linear_schedule(lr / warmup_steps, lr, transition_steps=warmup_steps - 1)
 
 
 def make_optimizer(*, weight_decay: float, grad_clip: float, b1: float = 0.9, b2: float = 0.999,
@@ -64,24 +66,32 @@ def batch_spec(ndim: int, leading: int = 0) -> PartitionSpec:
     return PartitionSpec(*([None] * leading), ("data", "fsdp"), *([None] * (ndim - leading - 1)))
 
 
-def build_logprob_fn(cfg: ModelConfig, mesh: Mesh, param_shardings: Any, prompt_len: int,
-                     chunk_size: int, rules: Mapping[str, Any] | None = None,
-                     temperature: float = 1.0):
-    """jit(params, input_ids, attention_mask, response_mask) -> (logprobs, entropy), each [B, R].
+def build_minibatch_logprob_fn(cfg: ModelConfig, mesh: Mesh, param_shardings: Any, prompt_len: int,
+                               loss: LossSettings, rules: Mapping[str, Any] | None = None):
+    """jit(params, input_ids, attention_mask, response_mask, rollout_logprobs) -> (old, diff).
 
-    Rows are [left-padded prompt of `prompt_len` | right-padded response]; outputs cover the response.
+    Inputs are one mini-batch [num_micro, micro_batch, ...] (response fields [..., R]); `old` are
+    the policy's log-probs of the response tokens at the rollout temperature in the same layout,
+    ready for the update. `diff` = (sum, count, max) of |p_rollout - p_old| over response tokens:
+    verl's sampler/trainer mismatch check.
     """
-    bsh = NamedSharding(mesh, batch_spec(2))
+    sh = NamedSharding(mesh, batch_spec(3, leading=1))
+    rep = NamedSharding(mesh, PartitionSpec())
 
-    def fn(params, input_ids, attention_mask, response_mask):
-        targets = jnp.concatenate([jnp.zeros_like(attention_mask[:, :prompt_len]), response_mask],
-                                  axis=1)
-        lp, ent = sequence_logprobs(params, cfg, input_ids, attention_mask, targets,
-                                    return_entropy=True, chunk_size=chunk_size, mesh=mesh, rules=rules,
-                                    temperature=temperature)
-        return lp[:, prompt_len:], ent[:, prompt_len:]
+    def one(params, ids, mask, resp):
+        targets = jnp.concatenate([jnp.zeros_like(mask[:, :prompt_len]), resp], axis=1)
+        lp, _ = sequence_logprobs(params, cfg, ids, mask, targets, chunk_size=loss.chunk_size,
+                                  mesh=mesh, rules=rules, temperature=loss.temperature)
+        return lp[:, prompt_len:]
 
-    return jax.jit(fn, in_shardings=(param_shardings, bsh, bsh, bsh), out_shardings=(bsh, bsh))
+    def fn(params, input_ids, attention_mask, response_mask, rollout_logprobs):
+        old = jax.lax.map(lambda m: one(params, *m), (input_ids, attention_mask, response_mask))
+        valid = response_mask > 0
+        diff = jnp.where(valid, jnp.abs(jnp.exp(rollout_logprobs) - jnp.exp(old)), 0.0)
+        stats = jnp.stack([jnp.sum(diff), jnp.sum(valid).astype(jnp.float32), jnp.max(diff)])
+        return old, stats
+
+    return jax.jit(fn, in_shardings=(param_shardings, sh, sh, sh, sh), out_shardings=(sh, rep))
 
 
 def build_update_fn(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
@@ -144,10 +154,15 @@ def build_update_fn(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(grad_norm)
-        opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
-        updates, new_opt = tx.update(grads, opt_state, params)
+        # This step's learning rate goes into a copy: a skipped update keeps the state as it was.
+        stepped = opt_state._replace(hyperparams={**opt_state.hyperparams,
+                                                  "learning_rate": jnp.asarray(lr, jnp.float32)})
+        updates, new_opt = tx.update(grads, stepped, params)
         new_params = optax.apply_updates(params, updates)
-        # Skip the update (keep params and optimizer moments) when the gradient is not finite.
+        # Skip the update (keep params and the whole optimizer state) when the gradient is not finite.
+        # Not optax.apply_if_finite: after max_consecutive_errors it applies the non-finite update
+        # anyway, and it reports skips only through its state; this never applies one and reports
+        # every skipped update as a metric.
         new_params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params)
         new_opt = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_opt, opt_state)
         count = jnp.maximum(sums["token_count"], 1.0)

@@ -1,0 +1,1 @@
+"""Where the code runs: processes and hosts, device-to-host copies, accelerator facts and topologies."""

@@ -1,0 +1,1 @@
+"""The DAPO training loop and its stages: batching, policy update, checkpoints, reports, preemption."""

@@ -1,0 +1,391 @@
+"""The DAPO training loop (the paper's Algorithm 1) as one-way stages with the parts passed in.
+
+One step: sample prompts -> rollout (n samples each) -> reward -> DAPO shaping (overlong penalty,
+filter metric, advantages, overlong filter) -> dynamic sampling until `train_batch_size` groups vary
+in outcome -> old log-probs -> one AdamW update per mini-batch (exact global token-mean) -> new
+weights to the sampler -> metrics -> checkpoint. Steps count optimizer updates' steps, never
+generation batches. The rollout backend and the reward function are injectable; the defaults are
+the engine-backed `RolloutDriver` and the configured rule-based scorer.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from etils import epath
+from jax.sharding import NamedSharding
+
+import data_pipeline as dp
+from data_pipeline import datasets
+from dapo_jax import algo, experiment, models
+from dapo_jax.eval.runner import evaluate_records
+from dapo_jax.rewards.batch import score_batch
+from dapo_jax.runtime.host_transfer import to_host, tree_to_host
+from dapo_jax.sampler import RolloutBackend, RolloutDriver, RolloutRequest
+from dapo_jax.training import batching, reporting
+from dapo_jax.training.checkpointing import CheckpointStore
+from dapo_jax.runtime.devices import peak_flops_per_device
+from dapo_jax.training.metrics_writer import MetricsWriter
+from dapo_jax.training.policy_init import initial_params
+from dapo_jax.training.preemption import PREEMPTED_EXIT_CODE, Preempted, StopFlag
+from dapo_jax.training.update import (batch_spec, build_minibatch_logprob_fn, build_update_fn,
+                                      init_opt_state)
+
+__all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "RewardFn", "Trainer"]
+
+log = logging.getLogger(__name__)
+
+# (response texts, ground truths) -> one {"score", "acc", ...} dict per response.
+RewardFn = Callable[[list[str], list[str]], list[dict]]
+
+
+def configured_reward(config: ml_collections.ConfigDict) -> RewardFn:
+    """The config's rule-based scorer (math_dapo by default) as a reward function."""
+    r = config.reward
+
+    def reward(texts: list[str], truths: list[str]) -> list[dict]:
+        # Looked up at call time so tools that swap the module's scorer (scripts/) reach it.
+        return score_batch(texts, truths, scorer=r.scorer, num_workers=r.num_workers or None,
+                           boxed_fallback=bool(r.get("boxed_fallback", False)))
+
+    return reward
+
+
+@dataclasses.dataclass
+class GenerationBatch:
+    """One generation batch after rollout, reward and shaping (per-sample arrays, group order)."""
+
+    arrays: dict[str, np.ndarray]
+    filter_metric: np.ndarray  # [P, G]
+    acc: np.ndarray  # [N] accuracy before any filtering
+    truncated_prompts: int
+    rollout_stats: dict[str, float]
+
+
+class _Timer(collections.defaultdict):
+    """Seconds per phase: `with timer("gen"): ...` adds up."""
+
+    def __init__(self, *names: str):
+        super().__init__(float, {n: 0.0 for n in names})
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self[name] += time.perf_counter() - t0
+
+
+class Trainer:
+    """Owns the policy, optimizer state, data position, dynamic-sampling state and checkpoints."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+                 progress: bool | None = None, rollout: RolloutBackend | None = None,
+                 reward_fn: RewardFn | None = None):
+        """`rollout` replaces the engine-backed driver; `reward_fn` the configured scorer. The soft
+        overlong punishment is part of DAPO's shaping and applies to any reward."""
+        c = self.config = config
+        # Orbax needs absolute paths; gs:// paths are already absolute.
+        self.workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.is_main = jax.process_index() == 0
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.train_records = datasets.load_records(c.data.train, c, split="train")
+        self.exp = exp = experiment.build(c, workdir=self.workdir, train_records=self.train_records)
+        self.mesh, self.model_cfg, self.tokenizer = exp.mesh, exp.model_config, exp.tokenizer
+        self.P, self.R, self.G = exp.prompt_length, exp.response_length, int(c.rollout.n)
+        self.shaping = algo.ShapingSettings(
+            group_size=self.G, max_response_length=self.R,
+            max_new_tokens=int(c.rollout.max_new_tokens),
+            overlong_buffer_len=int(c.algo.overlong_buffer.len) if c.algo.overlong_buffer.enable
+            else 0, overlong_penalty_factor=float(c.algo.overlong_buffer.penalty_factor),
+            overlong_filter=bool(c.algo.overlong_filter),
+            dynamic_sampling=bool(c.algo.dynamic_sampling.enable),
+            filter_metric=c.algo.dynamic_sampling.metric, adv_eps=float(c.algo.adv_eps),
+            norm_adv_by_std=bool(c.algo.norm_adv_by_std))
+
+        self.params = initial_params(exp, workdir=self.workdir, train_records=self.train_records,
+                                     progress=self.progress)
+        self.param_shardings = models.param_shardings(self.model_cfg, self.mesh)
+        self.tx, self.lr = exp.optimizer()
+        self.opt_state, self.opt_shardings = init_opt_state(self.tx, self.params)
+        self.logprob_fn = build_minibatch_logprob_fn(self.model_cfg, self.mesh, self.param_shardings,
+                                                     self.P, exp.loss)
+        self.update_fn = build_update_fn(self.model_cfg, self.tx, self.mesh, self.param_shardings,
+                                         self.opt_shardings, self.P, exp.loss)
+
+        self.driver = rollout if rollout is not None else RolloutDriver(
+            exp.engine(), self.params, steps_per_sync=c.rollout.steps_per_sync,
+            tokenizer=self.tokenizer, progress=self.progress)
+        self.reward_fn = reward_fn if reward_fn is not None else configured_reward(c)
+
+        ds = c.algo.dynamic_sampling
+        self.accumulator = algo.DynamicSamplingAccumulator(
+            c.trainer.train_batch_size, self.G,
+            max_num_gen_batches=ds.max_num_gen_batches if ds.enable else 0,
+            on_cap=ds.on_cap, carry_over=ds.carry_over, filter_metric=ds.metric)
+        self.data_iter = dp.PromptBatchIterator(
+            self.train_records, batch_size=c.trainer.gen_batch_size, seed=c.seed,
+            num_epochs=c.data.num_epochs or None, shuffle=c.data.shuffle, shard_index=0,
+            shard_count=1)
+        self.val_sets = {datasets.dataset_name(v): datasets.load_records(v, c, split="val")
+                         for v in (c.data.val or [])}
+        self.step = 0
+        self.gen_batches_drawn = 0
+        self.stop = StopFlag()  # SIGTERM (or `stop.request()`): checkpoint after this step, exit
+        self.checkpoints = CheckpointStore(self.workdir, keep=c.trainer.keep_checkpoints,
+                                           async_save=c.trainer.async_checkpointing)
+        self.writer = MetricsWriter(self.workdir, enabled=self.is_main)
+        self.peak_flops = c.trainer.peak_flops_per_device or peak_flops_per_device()
+        self._restore_if_any()
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _save(self, force: bool = False) -> None:
+        step = self.step
+        if (not force and step % self.config.trainer.save_every) or step in self.checkpoints.all_steps():
+            return
+        acc_state = self.accumulator.state_dict()
+        arrays = {k: v for k, v in acc_state.items() if isinstance(v, np.ndarray)}
+        scalars = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in acc_state.items()
+                   if not isinstance(v, np.ndarray)}
+        self.checkpoints.save(step, params=self.params, opt_state=self.opt_state, arrays=arrays,
+                              meta={"step": step, "gen_batches_drawn": self.gen_batches_drawn,
+                                    "data_iter": self.data_iter.get_state(), "accumulator": scalars,
+                                    "model_config": self.model_cfg.__dict__})
+
+    def _restore_if_any(self) -> None:
+        step = self.checkpoints.latest_step()
+        if step is None:
+            return
+        self.params, self.opt_state, arrays, meta = self.checkpoints.restore(
+            step, params_like=self.params, opt_state_like=self.opt_state)
+        self.step = int(meta["step"])
+        self.gen_batches_drawn = int(meta["gen_batches_drawn"])
+        self.data_iter.set_state(meta["data_iter"])
+        self.accumulator.load_state_dict({**meta["accumulator"], **arrays})
+        self.driver.update_params(self.params)
+        if self.is_main:
+            print(f"resumed from {self.checkpoints.directory} at step {self.step}", flush=True)
+
+    # ------------------------------------------------------------------------------ the stages
+    def _render(self, records: Sequence[dict]) -> dp.RenderedPrompts:
+        c = self.config
+        return dp.render_prompts(self.tokenizer, records, max_prompt_length=self.P,
+                                 system_prompt=c.data.system_prompt,
+                                 apply_chat_template=c.data.apply_chat_template)
+
+    def _generation_batch(self, records: Sequence[dict], timer: _Timer | None = None
+                          ) -> GenerationBatch:
+        """Rollout -> reward -> shaping of one batch of prompts."""
+        c, G = self.config, self.G
+        timer = _Timer() if timer is None else timer
+        rendered = self._render(records)
+        with timer("gen"):
+            result = self.driver.generate(
+                [RolloutRequest(ids, n=G, max_new_tokens=c.rollout.max_new_tokens)
+                 for ids in rendered.token_ids],
+                seed=c.seed * 1_000_003 + self.gen_batches_drawn, sampling=self.exp.train_sampling,
+                desc=f"step {self.step + 1} rollouts")
+        self.gen_batches_drawn += 1
+        samples = [s for group in result.samples for s in group]
+        with timer("reward"):
+            scored = self.reward_fn([s.text for s in samples],
+                                    [rec["ground_truth"] for rec in records for _ in range(G)])
+            acc = np.asarray([float(r["acc"]) for r in scored], np.float32)
+            lengths = np.asarray([s.length for s in samples], np.int32)
+            eos = np.asarray([s.finish_reason == "eos" for s in samples])
+            shaped = algo.shape_rewards(np.asarray([float(r["score"]) for r in scored]), acc,
+                                        lengths, eos, self.shaping)
+        arrays = batching.pad_rows([rendered.token_ids[i // G] for i in range(len(samples))],
+                                   [s.tokens for s in samples], [s.logprobs for s in samples],
+                                   prompt_length=self.P, response_length=self.R,
+                                   pad_id=self.exp.pad_id)
+        arrays.update(acc=acc, score=shaped.score, advantages=shaped.advantages, length=lengths,
+                      eos=eos.astype(np.int8), truncated=shaped.truncated.astype(np.int8),
+                      in_loss=shaped.in_loss.astype(np.int8))
+        return GenerationBatch(arrays, shaped.filter_metric, acc, rendered.num_truncated,
+                               result.stats)
+
+    def _device(self, minibatch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Places one host mini-batch [num_micro, micro, ...] (identical on every host) on the mesh."""
+        out = {}
+        for k, v in minibatch.items():
+            sharding = NamedSharding(self.mesh, batch_spec(v.ndim, leading=1))
+            out[k] = jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+        return out
+
+    def _update_policy(self, batch: dict[str, np.ndarray], timer: _Timer) -> dict[str, float]:
+        """Old log-probs of every mini-batch, then one optimizer update per mini-batch."""
+        c = self.config
+        rows = {"input_ids": np.concatenate([batch["prompt_ids"], batch["response_ids"]], axis=1),
+                "attention_mask": np.concatenate([batch["prompt_mask"], batch["response_mask"]],
+                                                 axis=1),
+                # Overlong filtering: a truncated sample's tokens leave the loss and its count.
+                "response_mask": batch["response_mask"] * batch["in_loss"][:, None].astype(np.int32),
+                "rollout_logprobs": batch["rollout_logprobs"],
+                "full_response_mask": batch["response_mask"],
+                "advantages": batch["advantages"].astype(np.float32)}
+        host = batching.minibatches(rows, mini_batch_size=c.trainer.mini_batch_size,
+                                    micro_batch_size=c.trainer.micro_batch_size)
+        device = [self._device(mb) for mb in host]
+        with timer("old_log_prob"):
+            # All old log-probs come from the weights before this step's first update.
+            for mb in device:
+                mb["old_logprobs"], mb["probs_diff"] = self.logprob_fn(
+                    self.params, mb["input_ids"], mb["attention_mask"], mb["full_response_mask"],
+                    mb["rollout_logprobs"])
+            jax.block_until_ready([mb["old_logprobs"] for mb in device])
+        sums: dict[str, Any] = {}
+        diffs = []
+        with timer("update_actor"):
+            lr = jnp.float32(self.lr(self.step))
+            for mb, hb in zip(device, host):
+                rm = hb["response_mask"]
+                mb["token_count"] = jnp.asarray(np.float32(rm.sum()))
+                mb["seq_count"] = jnp.asarray(np.float32((rm.sum(axis=-1) > 0).sum()))
+                diffs.append(mb.pop("probs_diff"))
+                self.params, self.opt_state, metrics = self.update_fn(
+                    self.params, self.opt_state, {k: mb[k] for k in self._UPDATE_FIELDS}, lr)
+                sums = metrics if not sums else jax.tree.map(jnp.add, sums, metrics)
+            sums = tree_to_host(sums)
+        n_mini = len(device)
+        out = {f"actor/{k}": float(v) / n_mini for k, v in sums.items()
+               if k not in ("update_skipped", "response_tokens")}
+        out["actor/updates_skipped"] = float(sums["update_skipped"])
+        out["actor/num_updates"] = float(n_mini)
+        # verl's sampler/trainer mismatch check, like with like: both are the policy at the
+        # rollout temperature on the same tokens, so this stays at round-off unless they disagree.
+        d = tree_to_host(diffs)
+        total = sum(float(x[1]) for x in d)
+        out["training/rollout_probs_diff_mean"] = sum(float(x[0]) for x in d) / max(total, 1.0)
+        out["training/rollout_probs_diff_max"] = max(float(x[2]) for x in d)
+        return out
+
+    _UPDATE_FIELDS = ("input_ids", "attention_mask", "response_mask", "old_logprobs", "advantages",
+                      "token_count", "seq_count")
+
+    def train_step(self) -> dict[str, float]:
+        """One training step (possibly several generation batches); returns its metrics."""
+        c = self.config
+        t_step = time.perf_counter()
+        timer = _Timer("gen", "reward")
+        raw_acc, truncated_prompts = [], 0
+        decode_tokens = 0.0
+        while not self.accumulator.should_stop_sampling():
+            gen = self._generation_batch(next(self.data_iter), timer)
+            raw_acc.append(gen.acc)
+            truncated_prompts += gen.truncated_prompts
+            decode_tokens += gen.rollout_stats.get("decode_tokens", 0.0)
+            if self.shaping.dynamic_sampling:
+                self.accumulator.add(gen.arrays, gen.filter_metric)
+            else:
+                self.accumulator.add(gen.arrays, gen.filter_metric, acc=gen.acc.reshape(-1, self.G))
+        batch, ds_metrics = self.accumulator.emit()
+        # The sampler's weights and KV cache are not needed until the next rollout: free them so
+        # the update has the memory (dapo_jax.plan budgets the phases this way).
+        self.driver.release()
+        update_metrics = self._update_policy(batch, timer)
+        self.step += 1
+        self.driver.update_params(self.params)
+        timer["step"] = time.perf_counter() - t_step
+
+        m = reporting.batch_metrics(batch, overlong_filter=self.shaping.overlong_filter)
+        m.update({"data/truncated_prompts": float(truncated_prompts),
+                  "data/epoch": float(self.data_iter.epoch),
+                  "actor/lr": float(self.lr(self.step - 1))})
+        if raw_acc:  # absent when carried-over groups filled the batch without generating
+            m["train/acc_before_filter"] = float(np.concatenate(raw_acc).mean())
+        m.update({k: float(v) for k, v in ds_metrics.items()})
+        m.update(update_metrics)
+        m.update({f"timing_s/{k}": v for k, v in timer.items()})
+        train_tokens = float(batch["prompt_mask"].sum() + batch["response_mask"].sum())
+        m.update(reporting.throughput_metrics(
+            timing=timer, decode_tokens=decode_tokens, train_tokens=train_tokens,
+            flops_per_token=self.model_cfg.flops_per_token(self.P + self.R),
+            peak_flops=self.peak_flops, num_devices=jax.device_count()))
+        return m
+
+    # ------------------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Runs the validation sets with the eval sampling settings; returns val-core/... metrics."""
+        c = self.config
+        metrics = {}
+        for name, records in self.val_sets.items():
+            if c.eval.max_problems:
+                records = records[:c.eval.max_problems]
+            _, m = evaluate_records(
+                self.driver, self.tokenizer, records, dataset=name, n=c.eval.n,
+                sampling=self.exp.eval_sampling, max_new_tokens=c.eval.max_new_tokens,
+                max_prompt_length=self.P, system_prompt=c.data.system_prompt,
+                apply_chat_template=c.data.apply_chat_template,
+                out_dir=self.workdir / "eval" / f"step_{self.step:06d}" / name,
+                scorer=datasets.DEFAULT_SCORER.get(name, c.reward.scorer), seed=c.seed + 7,
+                write=self.is_main, boxed_fallback=bool(c.reward.get("boxed_fallback", False)))
+            metrics.update(m)
+        return metrics
+
+    # ------------------------------------------------------------------------------ the loop
+    def train(self) -> list[dict[str, float]]:
+        """Trains until trainer.total_steps; returns the per-step metrics of this run."""
+        c = self.config
+        history = []
+        stop = self.stop
+        try:
+            with stop.installed():
+                if c.trainer.val_before_train and self.step == 0 and self.val_sets:
+                    self._report(0, self.evaluate())
+                bar = tqdm.tqdm(total=c.trainer.total_steps, initial=self.step, desc="DAPO steps",
+                                disable=not self.progress, unit="step")
+                while self.step < c.trainer.total_steps:
+                    m = self.train_step()
+                    final = self.step == c.trainer.total_steps
+                    if c.trainer.test_freq and self.val_sets and (
+                            self.step % c.trainer.test_freq == 0 or final):
+                        m.update(self.evaluate())
+                    history.append(m)
+                    bar.clear()
+                    self._report(self.step, m)
+                    bar.update(1)
+                    stopping = stop.agreed()
+                    self._save(force=final or stopping)
+                    if stopping and not final:
+                        self.checkpoints.wait()
+                        raise Preempted(f"stopped by SIGTERM after step {self.step}; "
+                                        "checkpoint saved")
+                bar.close()
+                self.checkpoints.wait()
+                if c.trainer.export_hf_on_finish:
+                    self.export_hf(self.workdir / "hf_export" / f"step_{self.step}")
+        finally:
+            self.writer.flush()
+        return history
+
+    def _report(self, step: int, m: dict[str, float]) -> None:
+        self.writer.write(step, m)
+        if not self.is_main:
+            return
+        if "critic/score/mean" in m:
+            print(reporting.format_step(step, self.config.trainer.total_steps, m), flush=True)
+        if any(k.startswith("val-core") for k in m):
+            print(reporting.format_validation(step, m), flush=True)
+
+    def export_hf(self, path: str | os.PathLike) -> None:
+        """Writes the current policy as a HF checkpoint directory (with the tokenizer)."""
+        models.save_pretrained(self.params, self.model_cfg, path,
+                               tokenizer_dir=self.exp.tokenizer_dir)
+
+    def close(self) -> None:
+        """Waits for pending checkpoint writes and closes the writers."""
+        self.checkpoints.close()
+        self.writer.close()
