@@ -3,7 +3,6 @@ and markdown/JSON output."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -15,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dapo_jax.models.config import ModelConfig
-from dapo_jax.runtime.devices import DeviceSpec, device_spec, known_devices  # noqa: F401
 
 
 def environment() -> dict[str, Any]:

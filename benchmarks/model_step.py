@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from dapo_jax.runtime.devices import device_spec
 from dapo_jax import models
 from dapo_jax.models.config import DTYPES, REMAT_POLICIES, ModelConfig
 
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         peak = common.measured_matmul_flops(dt, args.matmul_n)
         peaks.append({"reference": f"measured {dt} jnp.dot {args.matmul_n}^3", "peak_flops": peak,
                       "ratio": achieved / peak})
-    spec = common.device_spec(env["device_kind"]) if env["backend"] != "cpu" else None
+    spec = device_spec(env["device_kind"]) if env["backend"] != "cpu" else None
     device = spec.name if spec else env["device_kind"]
     peaks.append({"reference": f"published bf16 dense peak ({device})",
                   "peak_flops": spec.peak_bf16_flops if spec else None,

@@ -73,8 +73,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from ml_collections import config_flags  # noqa: F401  (import check: clear error if missing)
-
     from dapo_jax.training.metrics_writer import read_metrics
     from dapo_jax.training.trainer import Trainer
 

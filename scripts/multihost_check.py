@@ -394,7 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     ap.add_argument("--rtol", type=float, default=1e-5,
                     help="metrics may differ by this fraction of their size (compare_metrics)")
-    ap.add_argument("--weights-rtol", type=float, default=1e-4,
+    # Seen on CPU: 8e-5 on k_proj.bias (tiny gradients, which Adam turns into full-size steps
+    # that carry their round-off), 2e-5 on the largest weights; a broken reduction is O(1).
+    ap.add_argument("--weights-rtol", type=float, default=1e-3,
                     help="exported weights may differ by this fraction of each tensor's largest "
                          "|value| (tree_differences)")
     ap.add_argument("--compilation-cache-dir", default=None,

@@ -14,6 +14,8 @@ import pathlib  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from scripts import check_shared_data  # noqa: E402
+
 # Identical programs compiled by different tests (every Trainer builds its own jitted closures) hit
 # XLA's persistent cache instead of recompiling: compiles dominate the suite's time on 2 cores.
 # Shared by the xdist workers of one run (writes are atomic); a clean clone starts empty.
@@ -23,24 +25,34 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SHARED_DATA = check_shared_data.DEFAULT_DATA_DIR  # ../shared/data beside the repository
+
+
+def running_in_ci() -> bool:
+    """True when the CI runner set CI (CI=true): missing real data is then a failure, not a skip."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
-    """Path to ../shared/data; skips the test with a reason when the folder is absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data folder {SHARED_DATA} is absent (see shared/data/README.md)")
+    """Path to ../shared/data with every file the tests read.
+
+    Outside the project layout (a clone without ../shared) the test skips, saying what is missing
+    and where it belongs; under CI it fails with that message instead, so the real-data tests can
+    never pass by being skipped.
+    """
+    if check_shared_data.missing_files(SHARED_DATA):
+        if running_in_ci():
+            pytest.fail("CI is set, so absent real data fails instead of skipping: "
+                        + check_shared_data.problem(SHARED_DATA), pytrace=False)
+        pytest.skip(check_shared_data.problem(SHARED_DATA, one_line=True))
     return SHARED_DATA
 
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir(shared_data: pathlib.Path) -> pathlib.Path:
-    """The real Qwen2.5 tokenizer folder from ../shared/data."""
-    path = shared_data / "tokenizers" / "qwen2.5"
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"Qwen2.5 tokenizer not found at {path}")
-    return path
+    """The real Qwen2.5 tokenizer folder from ../shared/data (its files are checked by shared_data)."""
+    return shared_data / "tokenizers" / "qwen2.5"
 
 
 # --- Tiny Hugging Face checkpoints (random weights), created once per test session. -----------------

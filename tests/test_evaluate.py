@@ -1,23 +1,57 @@
-"""`python -m dapo_jax.evaluate`: a full AIME 2024 evaluation of a tiny random model on CPU."""
+"""`python -m dapo_jax.evaluate`: a full AIME 2024 evaluation of a tiny scripted model on CPU, and
+scoring a responses file; both against accuracies known from the data."""
 
 import json
 
 import jax
+import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
+import data_pipeline
 from configs import eval_aime
+from data_pipeline import datasets as ds_lib
 from dapo_jax import evaluate, models
 
 
+# Every sample of the scripted model below is this response: AIME 2024 has two problems whose
+# answer is 104 (2024-I-05 and 2024-I-14), so the evaluation has a known, non-zero accuracy.
+SCRIPTED_RESPONSE = "Answer: 104"
+
+
 @pytest.fixture(scope="module")
-def tiny_qwen_checkpoint(tmp_path_factory, qwen_tokenizer_dir):
-    """A random-weight tiny Qwen2 with the real Qwen2.5 vocabulary, saved as a HF directory."""
-    cfg = models.preset("tiny", vocab_size=151936)
+def scripted_qwen_checkpoint(tmp_path_factory, qwen_tokenizer_dir):
+    """A tiny Qwen2 (real Qwen2.5 vocabulary) that writes SCRIPTED_RESPONSE then EOS to any prompt.
+
+    Attention and MLP outputs are zeroed, so the hidden state at each position is the current
+    token's embedding and the model is a lookup table current token -> next token: each token of
+    the response gets its own embedding direction, whose lm_head column scores the next one
+    (logit 80 over 0 for all others: deterministic even at temperature 1); every other token,
+    such as the prompt's last, starts the response.
+    """
+    tok = AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir))
+    chain = tok(SCRIPTED_RESPONSE, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert len(set(chain)) == len(chain)  # one successor per token
+    cfg = models.preset("tiny", vocab_size=151936, tie_word_embeddings=False)
+    assert len(chain) <= cfg.hidden_size
     model = models.init_model(cfg, seed=3, mesh=models.make_mesh(
         {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1]))
-    path = tmp_path_factory.mktemp("tiny_qwen")
-    models.save_pretrained(model, cfg, path, tokenizer_dir=qwen_tokenizer_dir)
-    return path
+    params = jax.tree.map(np.array, model.params())
+    params["layers"]["o_kernel"][:] = 0.0
+    params["layers"]["down_kernel"][:] = 0.0
+    params["final_norm"][:] = 1.0
+    embed = np.zeros_like(params["embed"])
+    embed[:, 0] = 1.0  # direction 0: "no response token yet"
+    lm_head = np.zeros_like(params["lm_head"])
+    lm_head[0, chain[0]] = 10.0
+    for i, token in enumerate(chain[:-1]):
+        embed[token] = 0.0
+        embed[token, i + 1] = 1.0
+        lm_head[i + 1, chain[i + 1]] = 10.0  # RMSNorm scales a unit vector by sqrt(64) = 8
+    params["embed"], params["lm_head"] = embed, lm_head
+    path = tmp_path_factory.mktemp("scripted_qwen")
+    models.save_pretrained(params, cfg, path, tokenizer_dir=qwen_tokenizer_dir)
+    return path, chain
 
 
 def _config(datasets="aime2024"):
@@ -27,25 +61,46 @@ def _config(datasets="aime2024"):
     c.rollout.cache_dtype = "float32"
     c.rollout.max_concurrent_decodes = 32
     c.data.max_prompt_length = 512
-    c.data.max_response_length = 8  # a small token budget: the model is random
+    c.data.max_response_length = 8  # a small token budget: the scripted response needs 7
+    c.algo.overlong_buffer.enable = False  # a training reward term; its buffer would exceed 8
     c.eval.n = 2
     return c
 
 
-def test_full_aime_evaluation_of_a_tiny_model_writes_all_outputs(tiny_qwen_checkpoint, tmp_path,
-                                                                 shared_data):
-    results = evaluate.run(_config(), checkpoint=str(tiny_qwen_checkpoint), step=None,
+def test_full_aime_evaluation_of_a_scripted_model_gives_the_known_accuracy(
+        scripted_qwen_checkpoint, tmp_path, shared_data):
+    path, chain = scripted_qwen_checkpoint
+    problems = [json.loads(line) for line in (shared_data / "aime2024.jsonl").read_text().splitlines()]
+    solved = {str(p["id"]) for p in problems if str(p["answer"]) == "104"}
+    assert solved == {"2024-I-05", "2024-I-14"}  # the data this test's expectations rest on
+    c = _config()
+    records = ds_lib.load_records("aime2024", c, split="val", cache_dir=tmp_path / "tfds")
+    rendered = data_pipeline.render_prompts(
+        AutoTokenizer.from_pretrained(str(path)), records,
+        max_prompt_length=c.data.max_prompt_length, system_prompt=c.data.system_prompt,
+        apply_chat_template=c.data.apply_chat_template)
+    assert not {ids[-1] for ids in rendered.token_ids} & set(chain)  # every prompt starts it
+
+    results = evaluate.run(c, checkpoint=str(path), step=None,
                            responses=None, out=str(tmp_path), progress=False)
     metrics = results["aime2024"]
-    assert 0.0 <= metrics["val-core/aime2024/acc/mean@2"] <= 1.0
-    assert metrics["val-aux/aime2024/response_length/max"] <= 8
+    assert metrics["val-core/aime2024/acc/mean@2"] == pytest.approx(2 / 30)
+    assert metrics["val-aux/aime2024/acc/pass@2"] == pytest.approx(2 / 30)
+    assert metrics["val-aux/aime2024/response_length/max"] == len(chain)  # EOS counted
     out = tmp_path / "aime2024"
     report = json.loads((out / "report.json").read_text())
     assert report["num_problems"] == 30 and report["num_samples"] == 60
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 60 and {s["finish_reason"] for s in samples} <= {"eos", "length"}
+    assert [s["problem_id"] for s in samples] == [str(p["id"]) for p in problems for _ in range(2)]
+    assert {(s["response"], s["finish_reason"], s["length"]) for s in samples} == {
+        (SCRIPTED_RESPONSE, "eos", len(chain))}
+    assert sorted(s["problem_id"] for s in samples if s["acc"]) == sorted([*solved, *solved])
     table = (out / "report.md").read_text()
-    assert table.count("| `aime2024-") >= 30 or table.count("\n| ") >= 30
+    for p in problems:
+        won = str(p["id"]) in solved
+        row = (f"| `{p['id']}` | `{p['answer']}` | {1.0 if won else 0.0:.4f} | {2 if won else 0} / 2 "
+               f"| `104` | {'yes' if won else 'no'} |")
+        assert row in table, row
 
 
 def test_responses_file_is_scored_with_the_same_metrics(tmp_path, shared_data):
@@ -62,3 +117,18 @@ def test_responses_file_is_scored_with_the_same_metrics(tmp_path, shared_data):
     m = results["aime2024"]
     assert m["val-core/aime2024/acc/mean@4"] == pytest.approx(20 / 120)
     assert m["val-aux/aime2024/acc/pass@4"] == pytest.approx(10 / 30)
+
+
+def test_reward_boxed_fallback_reaches_responses_scoring(tmp_path, shared_data):
+    # Bare boxes (no Answer line): wrong under the DAPO release's rule, right under verl's fallback.
+    lines = (shared_data / "aime2024.jsonl").read_text().splitlines()
+    rows = [{"id": str(p["id"]), "response": f"so \\boxed{{{p['answer']}}}"}
+            for p in map(json.loads, lines)]
+    path = tmp_path / "responses.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    for flag, accuracy in ((False, 0.0), (True, 1.0)):
+        c = _config()
+        c.reward.boxed_fallback = flag
+        results = evaluate.run(c, checkpoint=None, step=None, responses=str(path),
+                               out=str(tmp_path / f"scored_{flag}"))
+        assert results["aime2024"]["val-core/aime2024/acc/mean@1"] == pytest.approx(accuracy)

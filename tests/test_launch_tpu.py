@@ -477,6 +477,15 @@ def _bash(script: str, home: pathlib.Path) -> subprocess.CompletedProcess:
                           timeout=60)
 
 
+needs_bash = pytest.mark.skipif(
+    shutil.which("bash") is None,
+    reason="needs bash on PATH (install it, e.g. `apt-get install bash`): the worker scripts are bash")
+needs_git = pytest.mark.skipif(
+    shutil.which("git") is None,
+    reason="needs git on PATH (install it, e.g. `apt-get install git`): pack lists files with "
+           "`git ls-files`")
+
+
 @pytest.fixture
 def worker_home(tmp_path) -> pathlib.Path:
     """A fake worker home: dapo_jax/ with a venv python that runs this interpreter."""
@@ -492,7 +501,7 @@ def worker_home(tmp_path) -> pathlib.Path:
         subprocess.run(["kill", "-KILL", pid_file.read_text().strip()], capture_output=True)
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@needs_bash
 def test_worker_scripts_record_exit_codes_refuse_a_second_job_and_stop_with_sigterm(worker_home):
     status = remote.job_status_script("dapo_jax")
     assert remote.parse_job_status(_bash(status, worker_home).stdout) == ("none", None)
@@ -506,7 +515,8 @@ def test_worker_scripts_record_exit_codes_refuse_a_second_job_and_stop_with_sigt
     sleeper = remote.start_script("dapo_jax", "fake_train", ["sleep"])
     assert _bash(sleeper, worker_home).returncode == 0
     log = worker_home / "dapo_jax" / remote.LOG_FILE
-    deadline = time.monotonic() + 20
+    # Deadlines here are hang guards (the failure is "never", not "slow"), as generous as _bash's.
+    deadline = time.monotonic() + 60
     while not log.read_text().endswith("training\n"):  # its SIGTERM handler is installed
         assert time.monotonic() < deadline, "the fake trainer never started"
         time.sleep(0.1)
@@ -516,14 +526,14 @@ def test_worker_scripts_record_exit_codes_refuse_a_second_job_and_stop_with_sigt
 
     stopped = _bash(remote.stop_script("dapo_jax", grace_seconds=20), worker_home)
     assert "stopped" in stopped.stdout
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while remote.parse_job_status(_bash(status, worker_home).stdout)[0] != "exited":
         assert time.monotonic() < deadline, "the wrapper never recorded the exit code"
         time.sleep(0.2)
     assert remote.parse_job_status(_bash(status, worker_home).stdout) == ("exited", 42)
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@needs_bash
 def test_unpack_overwrites_the_code_but_keeps_the_workers_venv(tmp_path, worker_home):
     src = tmp_path / "src"
     (src / "pkg").mkdir(parents=True)
@@ -561,7 +571,7 @@ def _tree(root: pathlib.Path) -> None:
     (root / ".gitignore").write_text("ignored.txt\n")
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+@needs_git
 def test_pack_ships_git_visible_files_and_never_venv_or_workdir(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

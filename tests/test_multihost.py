@@ -6,15 +6,14 @@ single-process run of the same config. The mesh is pure FSDP over all 8 devices,
 parameter, gradient and optimizer moment is split across the two processes.
 """
 
-import shutil
 import subprocess
 
 import jax
 import numpy as np
 
-from dapo_jax import trainer as trainer_lib
-from dapo_jax.host_transfer import tree_to_host
-from dapo_jax.trainer import Trainer
+from dapo_jax.training import trainer as trainer_lib
+from dapo_jax.runtime.host_transfer import tree_to_host
+from dapo_jax.training.trainer import Trainer
 from scripts import multihost_check as mc
 
 # Pure FSDP over 8 devices: each process holds half of every weight (a tensor axis would stay inside
@@ -32,17 +31,21 @@ def test_two_processes_log_the_metrics_and_save_the_state_of_one_process(tmp_pat
     """2 x 4-device processes (CLI, coordinator on 127.0.0.1) vs 1 x 8-device in-process reference.
 
     Proves: both processes finish 2 steps with exit code 0; only process 0 writes metrics.jsonl and
-    its records equal the reference's within 1e-5 (rollouts, rewards, dynamic sampling with
-    carry-over, old log-probs and the AdamW update all agree, so step 2 samples from the same
-    updated weights); and the checkpoint both processes wrote into one directory holds the whole
-    state: a 1-process trainer restores from it the reference's parameters and sampling state.
+    its records equal the reference's within 2e-6 of each metric's size (rollouts, rewards, dynamic
+    sampling with carry-over, old log-probs and the AdamW update all agree, so step 2 samples from
+    the same updated weights); and the checkpoint both processes wrote into one directory holds the
+    whole state: a 1-process trainer restores from it the reference's AdamW moments (the
+    gradients) within 1e-5 of each tensor's size, its weight updates within 0.5% of their size,
+    and its sampling state. Tolerances are fractions of the values compared, never fixed amounts:
+    an absolute 1e-6 is 1% of an update of lr 1e-4, and larger than most second moments.
     """
     monkeypatch.setattr(trainer_lib, "score_batch", mc.byte_parity_reward)
     config = mc.make_config(OVERRIDES)
     assert jax.device_count() == 8
     ref = Trainer(config, str(tmp_path / "single"), progress=False)
+    start_params = tree_to_host(ref.params)
     reference = ref.train()
-    ref_params = tree_to_host(ref.params)
+    ref_params, ref_opt = tree_to_host(ref.params), tree_to_host(ref.opt_state)
     ref_acc = ref.accumulator.state_dict()
     ref.close()
     assert reference[-1]["actor/grad_norm"] > 0  # the stand-in reward gives real gradients
@@ -57,22 +60,24 @@ def test_two_processes_log_the_metrics_and_save_the_state_of_one_process(tmp_pat
     logged = mc.read_metrics(multi)
     assert [r["step"] for r in logged] == [1, 2]  # process 0 only: no duplicated lines
     expected = [{"step": i + 1, **m} for i, m in enumerate(reference)]
-    problems = mc.compare_metrics(expected, logged, rtol=1e-5, atol=1e-5)
+    # Seen on CPU: within 1e-7 of each metric's size (compare_metrics says what size means).
+    problems = mc.compare_metrics(expected, logged, rtol=2e-6)
     assert not problems, "\n".join(problems)
     assert mc.checkpoint_steps(multi) == [2]
 
     restored = Trainer(config, str(multi), progress=False)
     assert restored.step == 2
-    got = tree_to_host(restored.params)
-    for (path, want), have in zip(jax.tree_util.tree_leaves_with_path(ref_params),
-                                  jax.tree.leaves(got)):
-        np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-6,
-                                   err_msg=jax.tree_util.keystr(path))
+    # Seen on CPU: moments within 1e-6 of their size, updates within 5e-4 (Adam's steps are ~lr
+    # whatever the gradient's size, so a coordinate with a tiny gradient carries its noise).
+    problems = mc.tree_differences(ref_opt, tree_to_host(restored.opt_state), rtol=1e-5)
+    problems += mc.tree_differences(ref_params, tree_to_host(restored.params), rtol=5e-3,
+                                    start=start_params)
+    assert not problems, "\n".join(problems)
     acc = restored.accumulator.state_dict()
     assert acc.keys() == ref_acc.keys()
-    for k in acc:
-        np.testing.assert_allclose(np.asarray(acc[k]), np.asarray(ref_acc[k]), rtol=1e-5,
-                                   atol=1e-6, err_msg=k)
+    problems = mc.tree_differences({k: np.asarray(v) for k, v in ref_acc.items()},
+                                   {k: np.asarray(v) for k, v in acc.items()}, rtol=1e-5)
+    assert not problems, "\n".join(problems)
     restored.close()
 
 

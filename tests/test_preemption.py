@@ -6,13 +6,12 @@ import subprocess
 import time
 
 import jax
-import numpy as np
 import pytest
 
-from dapo_jax import trainer as trainer_lib
-from dapo_jax.host_transfer import tree_to_host
-from dapo_jax.trainer import PREEMPTED_EXIT_CODE, Preempted, Trainer
+from dapo_jax.training import trainer as trainer_lib
+from dapo_jax.training.trainer import PREEMPTED_EXIT_CODE, Preempted, Trainer
 from scripts import multihost_check as mc
+from tests.state_checks import assert_bitwise_equal, assert_metrics_equal, host_state
 
 # One device (fastest on CPU). save_every is far beyond total_steps, so the only checkpoint before
 # the end is the one the SIGTERM forces.
@@ -45,13 +44,17 @@ def test_sigterm_mid_run_checkpoints_and_the_restart_matches_the_uninterrupted_r
 
     Proves: the process exits with PREEMPTED_EXIT_CODE after the step it was in, leaving exactly one
     checkpoint, at that step (save_every would have written none); the restart resumes there and
-    logs each remaining step once; and every logged step, before and after the preemption, equals
-    an uninterrupted in-process run of the same config (params, AdamW moments, the data iterator,
-    the sampling seed counter and dynamic-sampling carry-over all survive the checkpoint).
+    logs each remaining step once; every logged step, before and after the preemption, equals
+    an uninterrupted in-process run of the same config exactly (params, AdamW moments, the data
+    iterator, the sampling seed counter and dynamic-sampling carry-over all survive the
+    checkpoint); and the final checkpoint holds that run's parameters and optimizer state bit for
+    bit.
     """
     monkeypatch.setattr(trainer_lib, "score_batch", mc.byte_parity_reward)
     full = Trainer(mc.make_config(OVERRIDES), str(tmp_path / "full"), progress=False)
     reference = full.train()
+    reference_state = host_state(full)
+    reference_acc = full.accumulator.state_dict()
     full.close()
     # Groups are carried over after each of steps 1-3: the checkpoint at the stop holds pending groups.
     assert all(r["dynamic_sampling/carried_over_groups"] > 0 for r in reference[:3]), reference[:3]
@@ -77,9 +80,14 @@ def test_sigterm_mid_run_checkpoints_and_the_restart_matches_the_uninterrupted_r
     logged = mc.read_metrics(workdir)
     assert [r["step"] for r in logged] == list(range(1, TOTAL_STEPS + 1))
     expected = [{"step": i + 1, **m} for i, m in enumerate(reference)]
-    problems = mc.compare_metrics(expected, logged, rtol=1e-5, atol=1e-6)
-    assert not problems, "\n".join(problems)
+    for want, have in zip(expected, logged):
+        assert_metrics_equal(want, have)
     assert mc.checkpoint_steps(workdir) == [k, TOTAL_STEPS]
+    final = Trainer(mc.make_config(OVERRIDES), str(workdir), progress=False)
+    assert final.step == TOTAL_STEPS
+    assert_bitwise_equal(reference_state, host_state(final))
+    assert_bitwise_equal(reference_acc, final.accumulator.state_dict())
+    final.close()
 
 
 def test_sigterm_stops_after_the_current_step_and_the_checkpoint_holds_its_state(tmp_path,
@@ -100,7 +108,7 @@ def test_sigterm_stops_after_the_current_step_and_the_checkpoint_holds_its_state
     def step_with_sigterm():
         steps_started.append(tr.step + 1)
         metrics = step_fn()
-        tr._on_sigterm(signal.SIGTERM, None)  # as if the signal came while this step ran
+        tr.stop.request()  # as if the signal came while this step ran
         return metrics
 
     tr.train_step = step_with_sigterm
@@ -108,7 +116,7 @@ def test_sigterm_stops_after_the_current_step_and_the_checkpoint_holds_its_state
         tr.train()
     assert steps_started == [1] and tr.step == 1
     assert mc.checkpoint_steps(tmp_path) == [1]
-    state = {"params": tree_to_host(tr.params), "opt_state": tree_to_host(tr.opt_state)}
+    state = host_state(tr)
     acc, data_state, drawn = tr.accumulator.state_dict(), tr.data_iter.get_state(), \
         tr.gen_batches_drawn
     tr.close()
@@ -116,21 +124,14 @@ def test_sigterm_stops_after_the_current_step_and_the_checkpoint_holds_its_state
     resumed = Trainer(config, str(tmp_path), progress=False)
     assert resumed.step == 1 and resumed.gen_batches_drawn == drawn
     assert resumed.data_iter.get_state() == data_state
-    restored = {"params": tree_to_host(resumed.params),
-                "opt_state": tree_to_host(resumed.opt_state)}
-    for (path, want), have in zip(jax.tree_util.tree_leaves_with_path(state),
-                                  jax.tree.leaves(restored)):
-        np.testing.assert_array_equal(have, want, err_msg=jax.tree_util.keystr(path))
-    got = resumed.accumulator.state_dict()
-    assert got.keys() == acc.keys()
-    for key in acc:
-        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(acc[key]), err_msg=key)
+    assert_bitwise_equal(state, host_state(resumed))
+    assert_bitwise_equal(acc, resumed.accumulator.state_dict())
 
     step_fn = resumed.train_step
 
     def last_step_with_sigterm():
         metrics = step_fn()
-        resumed._on_sigterm(signal.SIGTERM, None)
+        resumed.stop.request()
         return metrics
 
     resumed.train_step = last_step_with_sigterm

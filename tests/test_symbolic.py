@@ -42,14 +42,26 @@ def test_dapo_default_stays_strict_on_symbolic_only_matches():
     assert all(r["acc"] for r in chosen)
 
 
-def test_per_sample_timeout_interrupts_a_stuck_check(monkeypatch):
-    def stuck(*args):
-        time.sleep(30)
+def _recording(check, log):
+    """Wraps a stand-in for _parse_and_verify so the test sees how each call ended."""
+    def wrapped(*args):
+        try:
+            result = check(*args)
+        except BaseException as e:  # noqa: BLE001 - SampleTimeout is a BaseException on purpose
+            log.append(type(e))
+            raise
+        log.append("returned")
+        return result
+    return wrapped
 
-    monkeypatch.setattr(symbolic, "_parse_and_verify", stuck)
-    started = time.perf_counter()
+
+def test_per_sample_timeout_interrupts_a_stuck_check(monkeypatch):
+    # Behaviour, not speed: the stuck check is cut short by the sample's deadline (it would
+    # otherwise sleep its 30 s out and return), and the sample scores as wrong.
+    ends = []
+    monkeypatch.setattr(symbolic, "_parse_and_verify", _recording(lambda *a: time.sleep(30), ends))
     result = symbolic.compute_score("Answer: 0.5", "\\frac{1}{2}", timeout_s=0.2)
-    assert time.perf_counter() - started < 2.0
+    assert ends == [symbolic.SampleTimeout]
     assert result == {"score": -1.0, "acc": False, "pred": "0.5"}
 
 
@@ -60,22 +72,31 @@ def test_timeout_restores_callers_alarm_and_handler(monkeypatch):
         raise AssertionError("the caller's alarm fired during the test")
 
     previous = signal.signal(signal.SIGALRM, caller_handler)
+    armed = time.monotonic()
     signal.setitimer(signal.ITIMER_REAL, 100.0)
     try:
         symbolic.compute_score("Answer: 0.5", "\\frac{1}{2}", timeout_s=0.1)
         remaining, _ = signal.getitimer(signal.ITIMER_REAL)
-        assert 90.0 < remaining <= 100.0
+        since_armed = time.monotonic() - armed
+        # The caller's timer is re-armed with what it had left: 100 s minus the time that passed
+        # (at least the 0.1 s budget that ran out), never reset to 100 s or cancelled. Both bounds
+        # hold however slow the machine is.
+        assert 100.0 - since_armed - 0.05 <= remaining <= 100.0 - 0.1
         assert signal.getsignal(signal.SIGALRM) is caller_handler
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
 
-def test_adversarial_megabyte_is_bounded():
-    started = time.perf_counter()
+def test_adversarial_megabyte_is_scored_wrong_from_its_tail(monkeypatch):
+    # Only the final TAIL_CHARS are read, and they hold no `Answer:` line or complete box, so the
+    # megabyte never reaches math-verify at all. (How long scoring takes is a benchmark question.)
+    ends = []
+    monkeypatch.setattr(symbolic, "_parse_and_verify",
+                        _recording(symbolic._parse_and_verify, ends))
     result = symbolic.compute_score("Answer: " + "(\\frac{" * (1 << 18), "1", timeout_s=0.5)
-    assert time.perf_counter() - started < 1.5
-    assert result["acc"] is False
+    assert ends == []
+    assert result == {"score": -1.0, "acc": False, "pred": "[INVALID]"}
 
 
 def test_off_main_thread_scores_with_a_warning():

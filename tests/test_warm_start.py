@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dapo_jax import models
-from dapo_jax.warm_start import pack_sft_batch, supervised_warm_start, warm_start_examples
+from dapo_jax.training.warm_start import pack_sft_batch, supervised_warm_start, warm_start_examples
 from data_pipeline.toy_arithmetic import ToyArithmeticConfig, generate_toy_arithmetic
 
 

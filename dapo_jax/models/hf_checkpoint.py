@@ -14,11 +14,10 @@ import tempfile
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from dapo_jax.models import config as config_lib
 from dapo_jax.models.config import ModelConfig

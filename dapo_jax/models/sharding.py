@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,13 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
         raise ValueError(f"Mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
                          f"{n} are available; set one axis to -1 to absorb the rest")
     try:
-        from jax.experimental import mesh_utils
-        arr = mesh_utils.create_device_mesh(sizes, devices=devices, allow_split_physical_axes=True)
-    except Exception:  # CPU fake devices or odd topologies: plain reshape is fine.
-        arr = np.asarray(devices).reshape(sizes)
-    return Mesh(arr, MESH_AXES)
+        # Explicit axis types: our shardings are named at jit boundaries (in/out_shardings and
+        # sharding constraints), not carried by array types.
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                             devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        # Topologies jax.make_mesh cannot lay out (e.g. a device subset): plain reshape.
+        return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
 def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int] | None = None,
@@ -106,11 +108,6 @@ def named_sharding(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[in
                    rules: Mapping[str, Any] | None = None) -> NamedSharding:
     """NamedSharding on `mesh` for an array with the given logical axes."""
     return NamedSharding(mesh, logical_to_spec(logical, shape, mesh, rules))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    """A fully replicated sharding on `mesh`."""
-    return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Mapping[str, Any] | None = None,

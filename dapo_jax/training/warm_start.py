@@ -7,7 +7,7 @@ random weights, so the demo first teaches it the format with code-generated solu
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +66,7 @@ def pack_sft_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequenc
 
 def supervised_warm_start(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                           responses: Sequence[Sequence[int]], *, steps: int, batch_size: int,
-                          lr: float, seed: int, pad_id: int, param_shardings: Any = None,
+                          lr: float, seed: int, pad_id: int,
                           weights: Sequence[float] | None = None,
                           progress: bool = True) -> tuple[Params, list[float]]:
     """Trains on (prompt, response) pairs with AdamW + cosine decay; returns (params, losses).
