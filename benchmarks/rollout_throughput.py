@@ -30,10 +30,11 @@ import jax
 import numpy as np
 
 from benchmarks import common
+from dapo_jax.runtime.devices import device_spec
 from dapo_jax import models
 from dapo_jax.models.config import DTYPES, ModelConfig
-from dapo_jax.sampler import (OUT_MAJOR_CHOICES, Engine, RolloutDriver, RolloutRequest,
-                              SamplingParams, out_major_option)
+from dapo_jax.sampler import (DECODE_LAYOUT_CHOICES, Engine, RolloutDriver, RolloutRequest,
+                              SamplingParams)
 
 SAMPLING = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, greedy=False)
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -67,10 +68,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache_dtype", default=None, choices=DTYPES,
                    help="our KV-cache dtype (default: --dtype)")
     p.add_argument("--steps_per_sync", type=int, default=8, help="our decode steps per host sync")
-    p.add_argument("--stacked_weights", action="store_true",
-                   help="decode from stacked layer weights (Engine per_layer_weights=False)")
-    p.add_argument("--out_major", default="auto", choices=sorted(OUT_MAJOR_CHOICES),
-                   help="kernels stored [out, in] (W x^T matmuls); auto = on for CPU only")
+    p.add_argument("--decode_layout", default="auto", choices=DECODE_LAYOUT_CHOICES,
+                   help="our weight layout (config rollout.decode_layout); auto = per-layer weights, "
+                        "[out, in] kernels on CPU only")
     p.add_argument("--skip_hf", action="store_true",
                    help="time only our engine (e.g. on GPU/TPU, where CPU transformers is no baseline)")
     p.add_argument("--matmul_n", type=int, default=None,
@@ -184,8 +184,7 @@ def run_ours(cfg: ModelConfig, params: dict, prompts: np.ndarray, new_tokens: in
                     max_target_length=prompt_len + new_tokens,
                     stop_token_ids=[cfg.vocab_size],  # outside the vocabulary: never sampled
                     cache_dtype=args.cache_dtype,
-                    per_layer_weights=not args.stacked_weights,
-                    out_major_weights=out_major_option(args.out_major))
+                    decode_layout=args.decode_layout)
     driver = RolloutDriver(engine, params, steps_per_sync=args.steps_per_sync, progress=False,
                            sampling=SAMPLING)
     requests = [RolloutRequest([int(t) for t in p], n=n, max_new_tokens=new_tokens) for p in prompts]
@@ -208,7 +207,7 @@ def run_ours(cfg: ModelConfig, params: dict, prompts: np.ndarray, new_tokens: in
     leaves = jax.tree.leaves(driver.params)
     return {"param_bytes": sum(x.nbytes for x in leaves),
             "param_dtypes": sorted({str(x.dtype) for x in leaves}), "wall_s": wall, "tokens": total,
-            "out_major_weights": engine.out_major_weights,
+            "decode_layout": engine.decode_layout.name,
             "tokens_per_s": total / wall, "warmup_s": warmup_s,
             "prefill_s": st["prefill_s"], "insert_s": st["insert_s"], "decode_s": st["decode_s"],
             "decode_steps": st["decode_steps"], "decode_tokens_per_s": st["decode_tokens_per_s"],
@@ -219,7 +218,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs every (preset, batch) pair on both engines; returns every number."""
     env = common.environment()
     on_accelerator = env["backend"] != "cpu"
-    spec = common.device_spec(env["device_kind"]) if on_accelerator else None
+    spec = device_spec(env["device_kind"]) if on_accelerator else None
     peak = common.measured_matmul_flops(args.dtype, args.matmul_n)
     rows = []
     for name in args.presets:
@@ -258,7 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"benchmark": "rollout_throughput", "environment": env,
             "config": {k: getattr(args, k) for k in ("presets", "batches", "samples_per_prompt",
                                                      "prompt_len", "new_tokens",
-                                                     "dtype", "cache_dtype", "out_major",
+                                                     "dtype", "cache_dtype", "decode_layout",
                                                      "steps_per_sync", "skip_hf", "seed")},
             "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
             "device_spec": None if spec is None else vars(spec),
@@ -288,6 +287,7 @@ def format_report(r: dict[str, Any]) -> str:
             na if roof is None else f"{100 * row['roofline_fraction']:.1f}%"])
     spec = r["device_spec"]
     weights = "/".join(sorted({d for row in r["rows"] for d in row["ours"]["param_dtypes"]}))
+    layouts = "/".join(sorted({row["ours"]["decode_layout"] for row in r["rows"]}))
     lines = [
         f"## rollout_throughput on {env['backend']} ({env['device_kind']}, jax {env['jax']}, "
         f"{env['cpu_count']} CPUs)", "",
@@ -300,9 +300,8 @@ def format_report(r: dict[str, Any]) -> str:
            "transformers expands them (num_return_sequences) and prefills every copy; ours prefills "
            "each prompt once and inserts it into that many slots. ")
         + "Ours: "
-        f"dtype {c['dtype']}, weights held in {weights}"
-        f"{' as [out, in] kernels' if all(row['ours']['out_major_weights'] for row in r['rows']) else ''}"
-        f", KV cache {c['cache_dtype']}, "
+        f"dtype {c['dtype']}, weights held in {weights} in decode layout {layouts}, "
+        f"KV cache {c['cache_dtype']}, "
         f"steps_per_sync {c['steps_per_sync']}; transformers: float32, torch threads = cpu_count.",
         "ours decode tok/s and ms/step time only the decode loop (no prefill or insert). "
         f"compute-ideal ms/step = decode-step FLOPs / measured {c['dtype']} matmul peak "

@@ -52,7 +52,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.max_response_length = 20480
     c.data.num_epochs = 0  # 0 = repeat forever (the step count decides)
     c.data.shuffle = True
-    c.data.cache_dir = ""  # TFDS array_record cache; empty = <workdir>/tfds
+    c.data.cache_dir = ""  # TFDS array_record cache of train/val sets; empty = <workdir>/tfds (evaluate: <out>/tfds)
     c.data.toy = ml_collections.ConfigDict()
     c.data.toy.num_train = 4000
     c.data.toy.num_heldout = 200
@@ -71,12 +71,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.rollout.max_concurrent_decodes = 256  # decode slots
     c.rollout.steps_per_sync = 16  # decode steps per host round-trip
     c.rollout.cache_dtype = "bfloat16"
-    # Decode with one weight array per layer instead of stacked ones: faster steps (no per-layer slice
-    # copies), compile time linear in depth. False keeps the stacked, scanned layout.
-    c.rollout.per_layer_weights = True
-    # Store kernels [out, in] so every decode matmul computes W x^T: 1.6x faster decode steps at small
-    # batch on XLA:CPU (docs/benchmarks.md). "auto" = on for CPU meshes, off on GPU/TPU; "on" | "off".
-    c.rollout.out_major_weights = "auto"
+    # How the sampler holds the weights for decoding (dapo_jax/sampler/decode_layout.py); every layout
+    # draws the same tokens. "per_layer_out_major" | "per_layer" | "stacked_out_major" | "stacked":
+    # per_layer = one weight array per layer (no per-layer slice copies; compile time linear in
+    # depth), stacked = layers stacked as in training (scanned); out_major = kernels stored [out, in],
+    # every decode matmul computes W x^T (1.6x faster decode steps at small batch on XLA:CPU,
+    # docs/benchmarks.md). "auto" = per_layer_out_major on CPU meshes, per_layer on GPU/TPU.
+    c.rollout.decode_layout = "auto"
 
     c.algo = ml_collections.ConfigDict()
     c.algo.clip_ratio_low = 0.2
@@ -101,6 +102,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     c.reward = ml_collections.ConfigDict()
     c.reward.scorer = "math_dapo"  # math_dapo | math_verify
+    # A custom reward instead of the scorer: "package.module:function" taking (texts, ground_truths)
+    # and returning [{"score", "acc", ...}] (dapo_jax/rewards/custom.py). Empty = the scorer.
+    c.reward.fn = ""
     c.reward.num_workers = 0  # 0 = auto (process pool for large batches)
     # No `Answer:` line: score the last \boxed{} of the final 100 chars (raw match), as verl's
     # math_dapo does since verl 0.9.1. False = the DAPO paper's scorer. math_verify reads the box

@@ -6,7 +6,7 @@ import ml_collections
 
 from dapo_jax.algo import LOSS_AGG_MODES
 from dapo_jax.models.config import DTYPES, PRESETS, REMAT_POLICIES
-from dapo_jax.sampler.engine import OUT_MAJOR_CHOICES
+from dapo_jax.sampler.decode_layout import DECODE_LAYOUT_CHOICES
 
 
 class ConfigError(ValueError):
@@ -36,8 +36,13 @@ def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None
     for key in ("param_dtype", "dtype"):
         _check(c.model[key] in DTYPES, f"model.{key}", f"must be one of {DTYPES}", p)
     _check(c.rollout.cache_dtype in DTYPES, "rollout.cache_dtype", f"must be one of {DTYPES}", p)
-    _check(c.rollout.get("out_major_weights", "auto") in OUT_MAJOR_CHOICES,
-           "rollout.out_major_weights", f"must be one of {sorted(OUT_MAJOR_CHOICES)}", p)
+    _check(c.rollout.get("decode_layout", "auto") in DECODE_LAYOUT_CHOICES, "rollout.decode_layout",
+           f"must be one of {list(DECODE_LAYOUT_CHOICES)}", p)
+    for old in ("per_layer_weights", "out_major_weights"):
+        _check(c.rollout.get(old) is None, f"rollout.{old}",
+               "was replaced by rollout.decode_layout; delete it and set rollout.decode_layout to one "
+               f"of {list(DECODE_LAYOUT_CHOICES)} ('auto' = per-layer weights, [out, in] kernels on "
+               "CPU only)", p)
     _check(c.model.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}", p)
     d = c.data
     _check(d.max_prompt_length > 0, "data.max_prompt_length", "must be positive", p)
@@ -46,6 +51,9 @@ def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None
         _check_training(c, num_devices, p)
     _check(c.reward.scorer in ("math_dapo", "math_verify"), "reward.scorer",
            "must be 'math_dapo' or 'math_verify'", p)
+    fn = c.reward.get("fn", "")
+    _check(not fn or (isinstance(fn, str) and fn.count(":") == 1 and all(fn.split(":"))),
+           "reward.fn", f"must be '' or 'package.module:function', got {fn!r}", p)
     _check(isinstance(c.reward.boxed_fallback, bool), "reward.boxed_fallback",
            f"must be True or False, got {c.reward.boxed_fallback!r}", p)
     _check(0 < c.eval.top_p <= 1, "eval.top_p", "must be in (0, 1]", p)

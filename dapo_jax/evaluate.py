@@ -70,11 +70,12 @@ def run(config, *, checkpoint: str | None, step: int | None, responses: str | No
     from dapo_jax.sampler import RolloutDriver
 
     results: dict[str, Any] = {}
+    cache_dir = ds_lib.cache_dir(config, out)  # no workdir here: data.cache_dir, else <out>/tfds
     boxed_fallback = bool(config.reward.get("boxed_fallback", False))
     if responses:
         for spec in config.data.val:
             name = ds_lib.dataset_name(spec)
-            records = ds_lib.load_records(spec, config, split="val")
+            records = ds_lib.load_records(spec, config, split="val", cache_dir=cache_dir)
             problems = [{"id": r["id"], "answer": r["ground_truth"]} for r in records]
             summary = report.score_responses_file(
                 responses, problems, os.path.join(out, name), dataset=name,
@@ -96,7 +97,7 @@ def run(config, *, checkpoint: str | None, step: int | None, responses: str | No
                            progress=progress)
     for spec in config.data.val:
         name = ds_lib.dataset_name(spec)
-        records = ds_lib.load_records(spec, config, split="val")
+        records = ds_lib.load_records(spec, config, split="val", cache_dir=cache_dir)
         if e.max_problems:
             records = records[:e.max_problems]
         summary, metrics = evaluate_records(

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from dapo_jax.config_validation import validate_config
 from dapo_jax.models.config import ModelConfig, from_hf_config, preset
 from dapo_jax.models.sharding import make_mesh
-from dapo_jax.sampler.engine import Engine, out_major_option
+from dapo_jax.sampler.engine import Engine
 from dapo_jax.sampler.sampling import SamplingParams
 from dapo_jax.training.update import LossSettings, lr_schedule, make_optimizer
 
@@ -105,9 +105,9 @@ def tokenizer_source(config: ml_collections.ConfigDict, workdir: str | os.PathLi
 
     path = os.fspath(epath.Path(workdir) / "toy_tokenizer")
     if jax.process_index() == 0 and not (epath.Path(path) / "tokenizer.json").exists():
-        if train_records is None:
+        if train_records is None:  # generated, not read through the TFDS cache: only process 0 is here
             from data_pipeline import datasets
-            train_records = datasets.load_records("toy", config, split="train")
+            train_records = dp.generate_toy_arithmetic(datasets.toy_config(config))["train"]
         dp.build_toy_tokenizer(path, dp.toy_corpus(train_records[:2000]))
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("dapo_jax: toy tokenizer written")
@@ -173,8 +173,7 @@ def make_engine(config: ml_collections.ConfigDict, model_config: ModelConfig, me
                                                            or r.max_concurrent_decodes),
                   max_prefill_length=p, max_target_length=p + new, stop_token_ids=list(stop_ids),
                   pad_token_id=pad_id, mesh=mesh, cache_dtype=r.cache_dtype,
-                  per_layer_weights=r.per_layer_weights,
-                  out_major_weights=out_major_option(r.get("out_major_weights", "auto")))
+                  decode_layout=r.decode_layout)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ from dapo_jax.models import hf_checkpoint
 from dapo_jax.models.config import ModelConfig
 from dapo_jax.models.qwen2 import jnp_dtype, param_shapes
 from dapo_jax.models.sharding import MESH_AXES, make_mesh
-from dapo_jax.sampler.engine import Engine, out_major_option
+from dapo_jax.sampler.engine import Engine
 from dapo_jax.runtime.topology import GIB, Topology, custom_topology, parse_topology
 from dapo_jax.training.update import batch_spec, build_update_fn
 
@@ -100,8 +100,7 @@ class Shapes:
     prompt_len: int
     slots: int
     steps_per_sync: int
-    per_layer_weights: bool = True
-    out_major_weights: bool | None = None  # None: the engine's default for the target platform
+    decode_layout: str = "auto"  # the sampler's weight layout; "auto": the target platform's default
 
     @property
     def batch_shards(self) -> int:
@@ -121,14 +120,10 @@ class Measurement:
     alternatives: dict[str, Analytic]  # mesh description -> analytic numbers on that mesh
 
     @property
-    def sampler_resident_bytes(self) -> int:
-        """Sampler buffers alive during the update: none (the trainer releases them first)."""
-        return 0
-
-    @property
     def train_peak_bytes(self) -> int:
         """Per-device bytes during the update step."""
-        return self.train.total_bytes + self.sampler_resident_bytes
+        # The sampler's buffers are not alive then: the trainer releases them first.
+        return self.train.total_bytes
 
     @property
     def rollout_peak_bytes(self) -> int:
@@ -341,8 +336,7 @@ def _engine(cfg: ModelConfig, mesh: Mesh, shapes: Shapes) -> Engine:
     return Engine(cfg, max_concurrent_decodes=shapes.slots, max_prefill_length=shapes.prompt_len,
                   max_target_length=shapes.seq_len, stop_token_ids=stop,
                   mesh=mesh, cache_dtype=shapes.cache_dtype,
-                  per_layer_weights=shapes.per_layer_weights,
-                  out_major_weights=shapes.out_major_weights)
+                  decode_layout=shapes.decode_layout)
 
 
 def _abstract_decode_state(engine: Engine) -> Any:
@@ -444,9 +438,7 @@ def planned_shapes(config, cfg: ModelConfig, mesh: Mesh) -> Shapes:
                   num_micro=num_micro, seq_len=prompt + int(config.data.max_response_length),
                   prompt_len=prompt, slots=int(config.rollout.max_concurrent_decodes),
                   steps_per_sync=max(1, int(config.rollout.steps_per_sync)),
-                  per_layer_weights=bool(config.rollout.get("per_layer_weights", True)),
-                  out_major_weights=out_major_option(
-                      config.rollout.get("out_major_weights", "auto")))
+                  decode_layout=config.rollout.decode_layout)
 
 
 # ------------------------------------------------------------------------------------------------

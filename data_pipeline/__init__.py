@@ -11,18 +11,22 @@ from data_pipeline.records import (
     get_template,
 )
 from data_pipeline.rendering import RenderedPrompts, render_prompt_text, render_prompts
-from data_pipeline.sources import load_dapo_parquet, load_jsonl_problems, load_prompt_records
+from data_pipeline.sources import (load_dapo_parquet, load_jsonl_problems, load_prompt_records,
+                                   source_files, source_format)
 from data_pipeline.tfds_builders import (
     Aime2024,
     DapoMath17k,
+    PromptFile,
     RecordDataSource,
     ToyArithmetic,
     build_tfds_dataset,
+    cache_problem,
     decode_example,
     encode_record,
     load_tfds_records,
     make_builder,
     record_features,
+    tfds_cache_dir,
 )
 from data_pipeline.toy_arithmetic import (
     TOY_DATA_SOURCE,
@@ -42,6 +46,7 @@ __all__ = [
     "MalformedRow",
     "Message",
     "PromptBatchIterator",
+    "PromptFile",
     "PromptRecord",
     "PromptTemplate",
     "RecordDataSource",
@@ -54,6 +59,7 @@ __all__ = [
     "ToyArithmeticConfig",
     "build_tfds_dataset",
     "build_toy_tokenizer",
+    "cache_problem",
     "toy_corpus",
     "decode_example",
     "encode_record",
@@ -70,5 +76,8 @@ __all__ = [
     "record_features",
     "render_prompt_text",
     "render_prompts",
+    "source_files",
+    "source_format",
+    "tfds_cache_dir",
     "toy_worked_solution",
 ]

@@ -1,4 +1,5 @@
-"""Resolves dataset names from configs to prompt records (train and evaluation sets)."""
+"""Resolves dataset names from configs to prompt records (train and evaluation sets), read through
+the TFDS array_record cache."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ KNOWN_FILES = {
     "dapo-math-17k": "dapo-math-17k.parquet",
 }
 DEFAULT_SCORER = {"math500": "math_verify"}  # non-integer answers need symbolic equivalence
+# Short names with their own TFDS builder; other files are cached by the generic PromptFile builder.
+NAMED_BUILDERS = {"dapo-math-17k": dp.DapoMath17k, "aime-2024": dp.Aime2024}
 
 
 def data_root() -> epath.Path:
@@ -48,11 +51,21 @@ def dataset_name(spec: str) -> str:
     return epath.Path(spec).name.split(".")[0].replace("/", "_")
 
 
-def load_records(spec: str, c: ml_collections.ConfigDict, *, split: str = "train"
-                 ) -> list[dp.PromptRecord]:
-    """Records for `spec`: "toy", a known short name, or a parquet/JSONL file or folder path."""
+def cache_dir(c: ml_collections.ConfigDict, default_parent: epath.PathLike) -> epath.Path:
+    """The TFDS array_record cache folder: `data.cache_dir`, else `<default_parent>/tfds`."""
+    configured = c.data.get("cache_dir")
+    return epath.Path(configured) if configured else epath.Path(default_parent) / "tfds"
+
+
+def tfds_source(spec: str, c: ml_collections.ConfigDict, *, split: str = "train"
+                ) -> tuple[str, str, dict[str, Any]]:
+    """(builder name, TFDS split, builder arguments) for `spec`: "toy", a known short name, or a
+    parquet/JSONL file or folder path. `split` is "train" or "val"; it only picks the toy split."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r}; use 'train' or 'val'")
     if spec == "toy":
-        return dp.generate_toy_arithmetic(toy_config(c))["train" if split == "train" else "heldout"]
+        return (dp.ToyArithmetic.name, "train" if split == "train" else "heldout",
+                {"toy_config": toy_config(c)})
     path = epath.Path(spec)
     if spec in KNOWN_FILES:
         path = data_root() / KNOWN_FILES[spec]
@@ -60,11 +73,37 @@ def load_records(spec: str, c: ml_collections.ConfigDict, *, split: str = "train
         raise FileNotFoundError(
             f"dataset {spec!r}: {path} does not exist. Give a parquet/JSONL path, 'toy', or one of "
             f"{sorted(KNOWN_FILES)} (looked up in {data_root()}; set DAPO_DATA_DIR to change it)")
-    kwargs: dict[str, Any] = {}
-    if str(path).endswith(".jsonl"):
-        kwargs["template"] = c.data.template
-    records, stats = dp.load_prompt_records(path, **kwargs)
-    log.info("dataset %s: %d records (%s)", spec, len(records), stats.to_dict())
-    if not records:
-        raise ValueError(f"dataset {spec!r} at {path} has no usable rows; see the log for skipped rows")
+    builder = NAMED_BUILDERS.get(spec, dp.PromptFile)
+    return builder.name, builder.SPLIT, {"source_path": path, "template": c.data.template}
+
+
+def load_records(spec: str, c: ml_collections.ConfigDict, *, split: str = "train",
+                 cache_dir: epath.PathLike) -> dp.RecordDataSource:
+    """Records for `spec` (see `tfds_source`), read through the TFDS array_record cache in `cache_dir`.
+
+    The first call builds `<cache_dir>/<name>/<config>/<version>/` from the source; later calls
+    (later runs, resumes) reuse it. With several JAX processes, process 0 builds while the others
+    wait at a barrier, then every process reads the same files; so every process must call this,
+    in the same order, and `cache_dir` must be storage they all share. The records come back in
+    source order, equal to what the parquet/JSONL readers or the toy generator produce.
+    """
+    import jax  # deferred: resolving names and readers needs no JAX backend
+    from jax.experimental import multihost_utils
+
+    name, tfds_split, kwargs = tfds_source(spec, c, split=split)
+    build_error: Exception | None = None
+    if jax.process_index() == 0:
+        try:
+            dp.build_tfds_dataset(name, data_dir=cache_dir, **kwargs)
+        except Exception as e:  # meet the others at the barrier first, so they stop instead of waiting
+            build_error = e
+    if jax.process_count() > 1:
+        # Hosts that see different source bytes get different cache names: the barrier's name check
+        # then fails on every host instead of one host reading a cache built from another file.
+        variant = "/".join(dp.tfds_cache_dir(name, data_dir=cache_dir, **kwargs).parts[-3:])
+        multihost_utils.sync_global_devices(f"data_pipeline: TFDS cache {variant}")
+    if build_error is not None:
+        raise build_error
+    records = dp.load_tfds_records(name, tfds_split, data_dir=cache_dir, build=False, **kwargs)
+    log.info("dataset %s: %d records from %s", spec, len(records), cache_dir)
     return records

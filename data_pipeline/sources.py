@@ -244,11 +244,28 @@ def load_jsonl_problems(
     return records, stats
 
 
-def load_prompt_records(path: epath.PathLike, **kwargs: Any) -> tuple[list[PromptRecord], LoadStats]:
-    """Dispatches on the suffix: `.parquet` (or a folder of them) or `.jsonl`."""
+def source_format(path: epath.PathLike) -> Literal["jsonl", "parquet"]:
+    """"jsonl" for a `.jsonl` file or a folder holding any, "parquet" for a `.parquet` file or other folder."""
     path = epath.Path(path)
     if path.name.endswith(".jsonl") or (path.is_dir() and any(path.glob("*.jsonl"))):
-        return load_jsonl_problems(path, **kwargs)
+        return "jsonl"
     if path.name.endswith(".parquet") or path.is_dir():
-        return load_dapo_parquet(path, **kwargs)
+        return "parquet"
     raise ValueError(f"{path}: expected a .parquet or .jsonl file (or a folder of them)")
+
+
+def source_files(path: epath.PathLike) -> list[epath.Path]:
+    """The files a reader reads for `path`, in the order it reads them."""
+    return _files(path, "." + source_format(path))
+
+
+def load_prompt_records(
+    path: epath.PathLike, *, template: str | PromptTemplate = "dapo", **kwargs: Any
+) -> tuple[list[PromptRecord], LoadStats]:
+    """Dispatches on the suffix: `.parquet` (or a folder of them) or `.jsonl`.
+
+    `template` wraps JSONL problems; parquet rows carry their templated prompt already.
+    """
+    if source_format(path) == "jsonl":
+        return load_jsonl_problems(path, template=template, **kwargs)
+    return load_dapo_parquet(path, **kwargs)

@@ -17,8 +17,8 @@ checkpoint, and the 2-process restart must finish with the single-process metric
 
 A deterministic stand-in reward (`byte_parity_reward`) replaces math_dapo: an untrained toy policy
 never answers correctly, so the real reward gives all-wrong groups, zero advantages and zero
-gradients, which would hide any difference in the update. `python -m scripts.multihost_check train
-FLAGS...` is `python -m dapo_jax.train FLAGS...` with that reward swapped in (nothing else changes).
+gradients, which would hide any difference in the update. It reaches `python -m dapo_jax.train` as
+`--config.reward.fn=scripts.multihost_check:byte_parity_reward` (nothing else changes).
 
 The helpers (`toy_overrides`, `launch`, `compare_metrics`...) are shared with tests/test_multihost.py
 and tests/test_preemption.py.
@@ -142,10 +142,11 @@ def subprocess_env(num_devices: int, compilation_cache_dir: str | None = None) -
 def train_command(workdir: str | os.PathLike, overrides: Mapping[str, Any], *,
                   stand_in_reward: bool = True, process_id: int | None = None,
                   num_processes: int = 1, port: int | None = None) -> list[str]:
-    """The command line of one trainer process (`python -m dapo_jax.train` or its reward twin)."""
-    entry = ["-m", "scripts.multihost_check", "train"] if stand_in_reward else ["-m", "dapo_jax.train"]
-    cmd = [sys.executable, *entry, "--config", "configs/toy.py", "--workdir", os.fspath(workdir),
-           "--noprogress", *config_flags(overrides)]
+    """The command line of one `python -m dapo_jax.train` process (with the stand-in reward)."""
+    if stand_in_reward:
+        overrides = {**overrides, "reward.fn": "scripts.multihost_check:byte_parity_reward"}
+    cmd = [sys.executable, "-m", "dapo_jax.train", "--config", "configs/toy.py", "--workdir",
+           os.fspath(workdir), "--noprogress", *config_flags(overrides)]
     if num_processes > 1:
         cmd += ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(num_processes),
                 "--process_id", str(process_id)]
@@ -463,18 +464,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def train_with_stand_in_reward(argv: Sequence[str]) -> None:
-    """`python -m dapo_jax.train argv...` with `byte_parity_reward` in place of score_batch."""
-    from absl import app
-
-    from dapo_jax import train
-    from dapo_jax.training import trainer
-    trainer.score_batch = byte_parity_reward
-    app.run(train.main, argv=["scripts.multihost_check train", *argv])
-
-
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "train":
-        train_with_stand_in_reward(sys.argv[2:])
-    else:
-        sys.exit(main())
+    sys.exit(main())

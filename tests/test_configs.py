@@ -65,7 +65,8 @@ def test_validation_lists_every_bad_field_with_the_fix():
     c.algo.loss_agg_mode = "sequence-mean"
     c.rollout.top_p = 0.0
     c.warm_start.format_noise = 1.5
-    c.rollout.out_major_weights = "yes"
+    c.rollout.decode_layout = "fast"
+    c.rollout.out_major_weights = "on"  # a switch decode_layout replaced, set by an old config file
     with pytest.raises(ConfigError) as err:
         validate_config(c)
     msg = str(err.value)
@@ -73,7 +74,9 @@ def test_validation_lists_every_bad_field_with_the_fix():
     assert "config.trainer.mini_batch_size: must divide train_batch_size * rollout.n = 128" in msg
     assert "config.algo.loss_agg_mode" in msg and "token-mean" in msg
     assert "config.rollout.top_p" in msg
-    assert "config.rollout.out_major_weights: must be one of ['auto', 'off', 'on']" in msg
+    assert ("config.rollout.decode_layout: must be one of ['auto', 'per_layer_out_major', "
+            "'per_layer', 'stacked_out_major', 'stacked']") in msg
+    assert "config.rollout.out_major_weights: was replaced by rollout.decode_layout" in msg
 
 
 def test_paper_config_numbers_and_mesh_arithmetic_on_v5p_128():

@@ -9,7 +9,7 @@ import torch
 
 from dapo_jax import models
 from dapo_jax.models.sharding import make_mesh
-from dapo_jax.sampler import Engine, RolloutDriver, RolloutRequest, SamplingParams
+from dapo_jax.sampler import DECODE_LAYOUTS, Engine, RolloutDriver, RolloutRequest, SamplingParams
 from tests.compile_counter import count_compiles
 
 EOS = 2
@@ -22,11 +22,9 @@ def _prompts(vocab, lengths=(5, 9, 3, 12, 7), seed=0):
     return [[int(t) for t in rng.randint(3, vocab, size=n)] for n in lengths]
 
 
-def _driver(cfg, params, *, slots=4, sampling=GREEDY, mesh=None, steps=4, per_layer=True,
-            out_major=None):
+def _driver(cfg, params, *, slots=4, sampling=GREEDY, mesh=None, steps=4, layout="auto"):
     eng = Engine(cfg, max_concurrent_decodes=slots, max_prefill_length=16, max_target_length=48,
-                 stop_token_ids=[EOS], mesh=mesh, per_layer_weights=per_layer,
-                 out_major_weights=out_major)
+                 stop_token_ids=[EOS], mesh=mesh, decode_layout=layout)
     return RolloutDriver(eng, params, steps_per_sync=steps, progress=False, sampling=sampling)
 
 
@@ -129,30 +127,39 @@ def test_update_params_changes_outputs_without_recompiling(tiny, hf_checkpoints)
     assert after == _tokens(_driver(cfg, other).generate(reqs))  # as the new weights dictate
 
 
-def test_weight_layouts_decode_identically(tiny):
-    """Per-layer vs stacked weights, [out, in] vs [in, out] kernels: same tokens and log-probs."""
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLE], ids=["greedy", "sampled"])
+def test_every_decode_layout_decodes_like_the_training_layout(tiny, sampling):
+    """Per-layer vs stacked weights, [out, in] vs [in, out] kernels, vocab-major logits: the same
+    tokens and log-probs as decoding from the model's own layout (`stacked`)."""
     model, cfg, _ = tiny
     reqs = [RolloutRequest(p, n=2, max_new_tokens=8) for p in _prompts(cfg.vocab_size)]
-    per_layer = _driver(cfg, model, sampling=SAMPLE)
-    assert per_layer.engine.out_major_weights  # the CPU default
-    stacked = _driver(cfg, model, sampling=SAMPLE, per_layer=False)
-    in_out = _driver(cfg, model, sampling=SAMPLE, out_major=False)
-    assert isinstance(per_layer.params["layers"], tuple)
-    assert isinstance(stacked.params["layers"], dict)
+    reference = _driver(cfg, model, sampling=sampling, layout="stacked")
+    assert isinstance(reference.params["layers"], dict)
+    want = reference.generate(reqs, seed=3)
     D, F = cfg.hidden_size, cfg.intermediate_size
-    assert per_layer.params["layers"][0]["gate_kernel"].shape == (F, D)
-    assert in_out.params["layers"][0]["gate_kernel"].shape == (D, F)
-    a = per_layer.generate(reqs, seed=3)
-    for other in (stacked, in_out):
-        b = other.generate(reqs, seed=3)
-        assert _tokens(a) == _tokens(b)
-        for x, y in zip(a.samples, b.samples):
+    for name, layout in DECODE_LAYOUTS.items():
+        drv = _driver(cfg, model, sampling=sampling, layout=name)
+        layers = drv.params["layers"]
+        assert isinstance(layers, tuple if layout.per_layer else dict), name
+        gate = (layers[0] if layout.per_layer else layers)["gate_kernel"].shape[-2:]
+        assert gate == ((F, D) if layout.out_major else (D, F)), name
+        got = drv.generate(reqs, seed=3)
+        assert _tokens(got) == _tokens(want), name
+        for x, y in zip(got.samples, want.samples):
             for s1, s2 in zip(x, y):
-                np.testing.assert_allclose(s1.logprobs, s2.logprobs, atol=1e-5)
+                np.testing.assert_allclose(s1.logprobs, s2.logprobs, atol=1e-5, err_msg=name)
+
+
+def test_auto_layout_on_cpu_and_loading_per_layer_weights(tiny, greedy_driver):
+    _, cfg, _ = tiny
+    auto = greedy_driver
+    assert auto.engine.decode_layout == DECODE_LAYOUTS["per_layer_out_major"]  # the CPU default
     # Per-layer weights are accepted as input too; a stacked engine refuses them with a clear error.
-    per_layer.update_params(per_layer.params)
-    with pytest.raises(ValueError, match="per_layer_weights=False"):
-        stacked.engine.load_params(per_layer.params)
+    auto.update_params(auto.params)
+    stacked = Engine(cfg, max_concurrent_decodes=4, max_prefill_length=16, max_target_length=48,
+                     stop_token_ids=[EOS], decode_layout="stacked")
+    with pytest.raises(ValueError, match="decode layout 'stacked', which keeps layers stacked"):
+        stacked.load_params(auto.params)
 
 
 def test_eight_fake_devices_give_the_same_outputs_as_one(tiny, greedy_driver):

@@ -11,7 +11,6 @@ import subprocess
 import jax
 import numpy as np
 
-from dapo_jax.training import trainer as trainer_lib
 from dapo_jax.runtime.host_transfer import tree_to_host
 from dapo_jax.training.trainer import Trainer
 from scripts import multihost_check as mc
@@ -27,7 +26,7 @@ def _cache_dir():
     return jax.config.jax_compilation_cache_dir
 
 
-def test_two_processes_log_the_metrics_and_save_the_state_of_one_process(tmp_path, monkeypatch):
+def test_two_processes_log_the_metrics_and_save_the_state_of_one_process(tmp_path):
     """2 x 4-device processes (CLI, coordinator on 127.0.0.1) vs 1 x 8-device in-process reference.
 
     Proves: both processes finish 2 steps with exit code 0; only process 0 writes metrics.jsonl and
@@ -39,10 +38,10 @@ def test_two_processes_log_the_metrics_and_save_the_state_of_one_process(tmp_pat
     and its sampling state. Tolerances are fractions of the values compared, never fixed amounts:
     an absolute 1e-6 is 1% of an update of lr 1e-4, and larger than most second moments.
     """
-    monkeypatch.setattr(trainer_lib, "score_batch", mc.byte_parity_reward)
     config = mc.make_config(OVERRIDES)
     assert jax.device_count() == 8
-    ref = Trainer(config, str(tmp_path / "single"), progress=False)
+    ref = Trainer(config, str(tmp_path / "single"), progress=False,
+                  reward_fn=mc.byte_parity_reward)
     start_params = tree_to_host(ref.params)
     reference = ref.train()
     ref_params, ref_opt = tree_to_host(ref.params), tree_to_host(ref.opt_state)
@@ -65,7 +64,8 @@ def test_two_processes_log_the_metrics_and_save_the_state_of_one_process(tmp_pat
     assert not problems, "\n".join(problems)
     assert mc.checkpoint_steps(multi) == [2]
 
-    restored = Trainer(config, str(multi), progress=False)
+    restored = Trainer(config, str(multi), progress=False,
+                       reward_fn=mc.byte_parity_reward)
     assert restored.step == 2
     # Seen on CPU: moments within 1e-6 of their size, updates within 5e-4 (Adam's steps are ~lr
     # whatever the gradient's size, so a coordinate with a tiny gradient carries its noise).

@@ -8,7 +8,6 @@ import time
 import jax
 import pytest
 
-from dapo_jax.training import trainer as trainer_lib
 from dapo_jax.training.trainer import PREEMPTED_EXIT_CODE, Preempted, Trainer
 from scripts import multihost_check as mc
 from tests.state_checks import assert_bitwise_equal, assert_metrics_equal, host_state
@@ -38,8 +37,7 @@ def _wait_for_step(proc: subprocess.Popen, workdir, step: int, timeout: float) -
         time.sleep(0.005)  # steps take ~0.1 s: signal within the step after `step`
 
 
-def test_sigterm_mid_run_checkpoints_and_the_restart_matches_the_uninterrupted_run(tmp_path,
-                                                                                   monkeypatch):
+def test_sigterm_mid_run_checkpoints_and_the_restart_matches_the_uninterrupted_run(tmp_path):
     """Real signal to a real `dapo_jax.train` process (stand-in reward), then a real restart.
 
     Proves: the process exits with PREEMPTED_EXIT_CODE after the step it was in, leaving exactly one
@@ -50,8 +48,8 @@ def test_sigterm_mid_run_checkpoints_and_the_restart_matches_the_uninterrupted_r
     checkpoint); and the final checkpoint holds that run's parameters and optimizer state bit for
     bit.
     """
-    monkeypatch.setattr(trainer_lib, "score_batch", mc.byte_parity_reward)
-    full = Trainer(mc.make_config(OVERRIDES), str(tmp_path / "full"), progress=False)
+    full = Trainer(mc.make_config(OVERRIDES), str(tmp_path / "full"), progress=False,
+                   reward_fn=mc.byte_parity_reward)
     reference = full.train()
     reference_state = host_state(full)
     reference_acc = full.accumulator.state_dict()
@@ -83,15 +81,15 @@ def test_sigterm_mid_run_checkpoints_and_the_restart_matches_the_uninterrupted_r
     for want, have in zip(expected, logged):
         assert_metrics_equal(want, have)
     assert mc.checkpoint_steps(workdir) == [k, TOTAL_STEPS]
-    final = Trainer(mc.make_config(OVERRIDES), str(workdir), progress=False)
+    final = Trainer(mc.make_config(OVERRIDES), str(workdir), progress=False,
+                    reward_fn=mc.byte_parity_reward)
     assert final.step == TOTAL_STEPS
     assert_bitwise_equal(reference_state, host_state(final))
     assert_bitwise_equal(reference_acc, final.accumulator.state_dict())
     final.close()
 
 
-def test_sigterm_stops_after_the_current_step_and_the_checkpoint_holds_its_state(tmp_path,
-                                                                                  monkeypatch):
+def test_sigterm_stops_after_the_current_step_and_the_checkpoint_holds_its_state(tmp_path):
     """In process, the handler called during step 1 (deterministic stop point).
 
     Proves: step 1 completes, `Preempted` is raised before step 2 starts, and a trainer restarted
@@ -99,9 +97,8 @@ def test_sigterm_stops_after_the_current_step_and_the_checkpoint_holds_its_state
     position and generation counter. A SIGTERM during the last step ends the run normally (the
     final checkpoint is the one that step saves anyway; exit code 0, not 42).
     """
-    monkeypatch.setattr(trainer_lib, "score_batch", mc.byte_parity_reward)
     config = mc.make_config({**OVERRIDES, "trainer.total_steps": 2})
-    tr = Trainer(config, str(tmp_path), progress=False)
+    tr = Trainer(config, str(tmp_path), progress=False, reward_fn=mc.byte_parity_reward)
     step_fn = tr.train_step
     steps_started = []
 
@@ -121,7 +118,8 @@ def test_sigterm_stops_after_the_current_step_and_the_checkpoint_holds_its_state
         tr.gen_batches_drawn
     tr.close()
 
-    resumed = Trainer(config, str(tmp_path), progress=False)
+    resumed = Trainer(config, str(tmp_path), progress=False,
+                      reward_fn=mc.byte_parity_reward)
     assert resumed.step == 1 and resumed.gen_batches_drawn == drawn
     assert resumed.data_iter.get_state() == data_state
     assert_bitwise_equal(state, host_state(resumed))

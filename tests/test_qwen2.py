@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from dapo_jax import models
-from dapo_jax.models import qwen2
 from tests.conftest import TINY_HF_CONFIGS
 
 
@@ -64,15 +63,12 @@ def test_scan_unrolled_and_remat_give_identical_logits_and_grads(hf_checkpoints)
                      grads, results[0][1])
 
 
-@pytest.mark.parametrize("name,out_major", [("qwen2_gqa_untied", False), ("llama_gqa_untied", False),
-                                            ("qwen2_gqa_untied", True), ("qwen2_mqa_tied", True)])
-def test_kv_cache_decode_reproduces_full_forward_position_by_position(hf_checkpoints, name,
-                                                                       out_major):
+@pytest.mark.parametrize("name", ["qwen2_gqa_untied", "llama_gqa_untied"])
+def test_kv_cache_decode_reproduces_full_forward_position_by_position(hf_checkpoints, name):
+    # The sampler's decode layouts get the same check in tests/test_decode_layout.py.
     path, _ = hf_checkpoints[name]
     model, cfg = models.load_pretrained(path)
     params = model.params()
-    if out_major:  # the sampler's layout: per-layer [out, in] kernels, W x^T matmuls
-        params = qwen2.unstack_layers(qwen2.transpose_kernels(params, cfg))
     rng = np.random.RandomState(1)
     total = 10
     seq = rng.randint(3, cfg.vocab_size, size=(2, total))
@@ -84,10 +80,9 @@ def test_kv_cache_decode_reproduces_full_forward_position_by_position(hf_checkpo
     prompt = np.where(np.arange(bucket)[None] < prompt_lens[:, None], seq[:, :bucket], 0)
     pmask = (np.arange(bucket)[None] < prompt_lens[:, None]).astype(np.int32)
     cache = models.init_cache(cfg, batch_size=2, max_len=16)
-    step = jax.jit(lambda p, ids, m, c: models.decoder_apply(p, cfg, ids, m, cache=c,
-                                                            out_major=out_major))
+    step = jax.jit(lambda p, ids, m, c: models.decoder_apply(p, cfg, ids, m, cache=c))
     hidden, cache = step(params, jnp.asarray(prompt), jnp.asarray(pmask), cache)
-    logits = np.asarray(models.lm_logits(params, cfg, hidden, out_major=out_major))
+    logits = np.asarray(models.lm_logits(params, cfg, hidden))
     for b in range(2):
         np.testing.assert_allclose(logits[b, prompt_lens[b] - 1], full[b, prompt_lens[b] - 1],
                                    atol=1e-4)
@@ -97,7 +92,7 @@ def test_kv_cache_decode_reproduces_full_forward_position_by_position(hf_checkpo
         tok = seq[np.arange(2), np.minimum(pos, total - 1)][:, None]
         active = (pos < total).astype(np.int32)[:, None]
         hidden, cache = step(params, jnp.asarray(tok), jnp.asarray(active), cache)
-        logits = np.asarray(models.lm_logits(params, cfg, hidden, out_major=out_major))[:, 0]
+        logits = np.asarray(models.lm_logits(params, cfg, hidden))[:, 0]
         for b in range(2):
             if pos[b] < total:
                 np.testing.assert_allclose(logits[b], full[b, pos[b]], atol=1e-4)
@@ -117,39 +112,3 @@ def test_bf16_compute_stays_close_to_fp32(hf_checkpoints):
     real = mask.astype(bool)
     assert np.abs(out - ref)[real].max() < 0.05
     assert np.abs(out - ref)[real].max() > 0  # really computed in bf16
-
-
-def test_project_out_major_equals_the_training_layout():
-    rng = np.random.RandomState(0)
-    x = jnp.asarray(rng.randn(3, 5, 4, 6).astype(np.float32))  # [B, T, heads, head_dim]
-    w = jnp.asarray(rng.randn(4, 6, 7).astype(np.float32))  # o_kernel-like: two input dims
-    ref = np.asarray(qwen2.project(x, w, 2))
-    np.testing.assert_allclose(ref, np.einsum("bthk,hkd->btd", x, w), rtol=1e-5, atol=1e-5)
-    wt = jnp.transpose(w, (2, 0, 1))
-    out = jax.jit(lambda x, wt: qwen2.project(x, wt, 2, out_major=True))(x, wt)
-    assert out.shape == (3, 5, 7)
-    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", ["qwen2_gqa_untied", "qwen2_mha_tied_odd_head"])
-def test_transpose_kernels_permutes_params_shapes_and_axes_alike(hf_checkpoints, name):
-    path, _ = hf_checkpoints[name]
-    model, cfg = models.load_pretrained(path)
-    params = qwen2.transpose_kernels(model.params(), cfg)
-    shapes = qwen2.transpose_kernels(qwen2.param_shapes(cfg), cfg)
-    axes = qwen2.transpose_kernels(qwen2.param_logical_axes(cfg), cfg)
-    is_tuple = lambda x: isinstance(x, tuple)  # noqa: E731
-    got = jax.tree.map(lambda x: tuple(x.shape), params)
-    assert got == shapes
-    jax.tree.map(lambda a, s: len(a) == len(s) or pytest.fail(f"{a} vs {s}"), axes, shapes,
-                 is_leaf=is_tuple)
-    layers = params["layers"]
-    assert shapes["layers"]["q_kernel"][1:] == (cfg.num_heads, cfg.head_dim, cfg.hidden_size)
-    assert axes["layers"]["o_kernel"] == ("layers", "embed", "q_heads", "head_dim")
-    assert layers["down_kernel"].shape[1:] == (cfg.hidden_size, cfg.intermediate_size)
-    if not cfg.tie_word_embeddings:
-        assert params["lm_head"].shape == (cfg.vocab_size, cfg.hidden_size)
-    # Per-layer tuples (after unstack_layers) transpose the same way, without a leading axis.
-    per_layer = qwen2.transpose_kernels(qwen2.unstack_layers(model.params()), cfg)
-    np.testing.assert_array_equal(np.asarray(per_layer["layers"][1]["gate_kernel"]),
-                                  np.asarray(layers["gate_kernel"][1]))

@@ -2,13 +2,15 @@
 
 The NNX module is a thin container of `nnx.Param`s with layers stacked on a leading axis; the math is
 pure functions of a parameter dict (`decoder_apply`) so the same code serves training (scanned, remat),
-full-sequence log-probs and KV-cache decoding.
+full-sequence log-probs and KV-cache decoding. One weight layout: kernels [*in, *out], layers stacked.
+The sampler may hold the weights differently for speed (`sampler.decode_layout`); it passes the
+matching `matmul` to `decoder_apply`.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -156,32 +158,23 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(b, t, h, hd)
 
 
-def project(x: jax.Array, w: jax.Array, n_in: int, *, out_major: bool = False,
-            preferred_element_type: Any = None) -> jax.Array:
-    """x [..., *in] times a kernel [*in, *out] (or [*out, *in] when `out_major`) -> [..., *out].
-
-    `out_major` computes W x^T, shaped [*out, ...], and transposes that behind an optimization barrier.
-    XLA:CPU's dot streams a large weight 1.8x faster as the left operand when x has few rows (decode);
-    without the barrier the algebraic simplifier folds the transpose back into the dot.
-    """
-    if not out_major:
-        return jax.lax.dot_general(
-            x, w, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
-            preferred_element_type=preferred_element_type)
-    n_out = w.ndim - n_in
-    y = jax.lax.dot_general(
-        w, x, ((tuple(range(n_out, w.ndim)), tuple(range(x.ndim - n_in, x.ndim))), ((), ())),
+def project(x: jax.Array, w: jax.Array, n_in: int, *, preferred_element_type: Any = None
+            ) -> jax.Array:
+    """x [..., *in] times a kernel [*in, *out] (its first `n_in` dims are inputs) -> [..., *out]."""
+    return jax.lax.dot_general(
+        x, w, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
         preferred_element_type=preferred_element_type)
-    y = jax.lax.optimization_barrier(y)
-    return jnp.moveaxis(y, tuple(range(n_out)), tuple(range(y.ndim - n_out, y.ndim)))
+
+
+# `matmul(x, kernel, n_in)` as `project` computes it: what `decoder_apply` multiplies kernels with.
+Matmul = Callable[[jax.Array, jax.Array, int], jax.Array]
 
 
 def _layer(cfg: ModelConfig, mesh: Mesh | None, rules, h: jax.Array, lp: Params,
-           positions: jax.Array, mask: jax.Array, kv_for_attention, out_major: bool = False):
+           positions: jax.Array, mask: jax.Array, kv_for_attention, matmul: Matmul = project):
     """One decoder layer. `kv_for_attention(k, v)` returns the keys/values to attend over."""
     dt = jnp_dtype(cfg.dtype)
-    proj = lambda x, name: project(x, lp[name].astype(dt), KERNEL_INPUT_DIMS[name],  # noqa: E731
-                                   out_major=out_major)
+    proj = lambda x, name: matmul(x, lp[name].astype(dt), KERNEL_INPUT_DIMS[name])  # noqa: E731
     x = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
     q, k, v = proj(x, "q_kernel"), proj(x, "k_kernel"), proj(x, "v_kernel")
     if cfg.attention_bias:
@@ -213,7 +206,7 @@ def _remat(fn, policy: str):
 def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
                   attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                   *, cache: Mapping[str, jax.Array] | None = None, mesh: Mesh | None = None,
-                  rules: Mapping[str, Any] | None = None, out_major: bool = False
+                  rules: Mapping[str, Any] | None = None, matmul: Matmul = project
                   ) -> tuple[jax.Array, dict | None]:
     """Runs embeddings + all layers + final norm. Returns (hidden [B,T,D], updated cache or None).
 
@@ -222,7 +215,10 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     With `cache` ({"k","v": [L,B,K,S,hd], "lengths": [B]}): the T new tokens of each row are written at
     cache positions lengths[b] .. lengths[b]+T-1 and attend causally to everything before them; rows must
     be right-padded (padding after the real tokens), and `lengths` advances by the real-token count.
-    `out_major`: the layer kernels are in `transpose_kernels`' layout (see `project`).
+    `params["layers"]` holds the layers stacked on a leading axis, or is a sequence of per-layer dicts
+    (the sampler's per-layer layout: each layer's arrays are read in place, no slice of a stack).
+    `matmul(x, kernel, n_in)` multiplies activations by each layer kernel (default `project`, for
+    kernels [*in, *out]); the sampler passes its layout's (`sampler.decode_layout`).
     """
     dt = jnp_dtype(cfg.dtype)
     b, t = input_ids.shape
@@ -241,7 +237,7 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
 
         def body(h, lp):
             h, _ = _layer(cfg, mesh, rules, h, lp, positions, mask, lambda k, v: (k, v, None),
-                          out_major)
+                          matmul)
             return h, None
 
         body = _remat(body, cfg.remat)
@@ -276,7 +272,7 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
             seq_major = lambda c: jnp.swapaxes(c[i], 1, 2).astype(dt)  # noqa: E731
             return seq_major(nk), seq_major(nv), (nk, nv)
 
-        h, (ck, cv) = _layer(cfg, mesh, rules, h, lp, positions, mask, kv_fn, out_major)
+        h, (ck, cv) = _layer(cfg, mesh, rules, h, lp, positions, mask, kv_fn, matmul)
         return (h, ck, cv), None
 
     idx = jnp.arange(cfg.num_layers, dtype=jnp.int32)
@@ -294,74 +290,15 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), new_cache
 
 
-def unstack_layers(params: Params) -> Params:
-    """The same parameters with `layers` as a tuple of per-layer dicts instead of stacked arrays.
-
-    `decoder_apply` accepts either layout. The per-layer one is for decoding: XLA:CPU/GPU copy a
-    layer's slice out of stacked weights before each matmul, which a decode step (tiny activations,
-    all weights read once) pays for in full; separate arrays are read in place.
-    """
-    layers = params["layers"]
-    if isinstance(layers, (list, tuple)):
-        return params
-    num = jax.tree.leaves(layers)[0].shape[0]
-    return dict(params, layers=tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(num)))
-
-
-def transpose_kernels(tree: Any, cfg: ModelConfig) -> Any:
-    """The parameters (or their shapes / logical axes) in the out-major layout `project` decodes with.
-
-    Layer kernels become [*out, *in] (after the leading layer axis when stacked) and an untied lm head
-    [V, D], like the embedding. Array leaves are transposed; tuples (shapes, logical axes) are
-    permuted as sequences, so shardings follow the same layout.
-    """
-    def perm(x, axes):
-        return tuple(x[i] for i in axes) if isinstance(x, tuple) else jnp.transpose(x, axes)
-
-    def layer(lp, lead):
-        out = dict(lp)
-        for name, n_in in KERNEL_INPUT_DIMS.items():
-            x = lp[name]
-            ndim = len(x) if isinstance(x, tuple) else x.ndim
-            dims = list(range(lead, ndim))
-            axes = tuple(range(lead)) + tuple(dims[n_in:] + dims[:n_in])
-            out[name] = perm(x, axes)
-        return out
-
-    layers = tree["layers"]
-    new = dict(tree, layers=tuple(layer(lp, 0) for lp in layers)
-               if isinstance(layers, (list, tuple)) else layer(layers, 1))
-    if not cfg.tie_word_embeddings:
-        new["lm_head"] = perm(tree["lm_head"], (1, 0))
-    return new
-
-
 def lm_head_weight(params: Params, cfg: ModelConfig) -> jax.Array:
     """The [D, V] output projection (the transposed embedding when tied)."""
     return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
 
 
-def lm_logits(params: Params, cfg: ModelConfig, hidden: jax.Array, *, out_major: bool = False
-              ) -> jax.Array:
-    """Float32 logits for hidden states [..., D] (`out_major`: params from `transpose_kernels`)."""
-    dt = jnp_dtype(cfg.dtype)
-    if out_major:
-        w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
-        return project(hidden, w.astype(dt), 1, out_major=True,
-                       preferred_element_type=jnp.float32)
-    w = lm_head_weight(params, cfg).astype(dt)
+def lm_logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """Float32 logits for hidden states [..., D]."""
+    w = lm_head_weight(params, cfg).astype(jnp_dtype(cfg.dtype))
     return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
-
-
-def lm_logits_vocab_major(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
-    """Float32 logits [V, B] for hidden states [B, D] of out-major params (`transpose_kernels`).
-
-    W h^T with the vocabulary first, for consumers that reduce over axis 0 (the engine's sampler):
-    no [V, B] -> [B, V] transpose, which costs 20 ms per step at batch 64 on CPU.
-    """
-    w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
-    return jax.lax.dot_general(w.astype(jnp_dtype(cfg.dtype)), hidden, (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: str | None = None

@@ -22,10 +22,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dapo_jax.runtime.host_transfer import tree_to_host
 from dapo_jax.models.config import ModelConfig
-from dapo_jax.models.qwen2 import (Params, decoder_apply, jnp_dtype, lm_logits, lm_logits_vocab_major,
-                                   param_logical_axes, param_shapes, transpose_kernels,
-                                   unstack_layers)
+from dapo_jax.models.qwen2 import Params, decoder_apply, jnp_dtype
 from dapo_jax.models.sharding import DEFAULT_RULES, make_mesh, named_sharding
+from dapo_jax.sampler.decode_layout import DecodeLayout, resolve_decode_layout
 from dapo_jax.sampler.sampling import SamplingParams, sample_tokens
 
 # Sampling layout: weights tensor-parallel over heads / mlp / vocab and replicated across the other
@@ -65,20 +64,6 @@ def _sample_keys(base, request_ids, sample_ids):
     return jax.random.key_data(keys)
 
 
-# Config values of `rollout.out_major_weights` -> Engine(out_major_weights=...).
-OUT_MAJOR_CHOICES = {"auto": None, "on": True, "off": False}
-
-
-def out_major_option(value: str | bool | None) -> bool | None:
-    """Maps a config value ("auto" | "on" | "off", or a bool / None) to the Engine argument."""
-    if value is None or isinstance(value, bool):
-        return value
-    if value not in OUT_MAJOR_CHOICES:
-        raise ValueError(f"rollout.out_major_weights must be one of {sorted(OUT_MAJOR_CHOICES)}, "
-                         f"got {value!r}")
-    return OUT_MAJOR_CHOICES[value]
-
-
 def prefill_buckets(max_prefill_length: int, min_bucket: int = 16) -> list[int]:
     """Powers of two from `min_bucket` up to (and including) `max_prefill_length`."""
     buckets = []
@@ -91,14 +76,18 @@ def prefill_buckets(max_prefill_length: int, min_bucket: int = 16) -> list[int]:
 
 
 class Engine:
-    """Slot-based continuous-batching decode engine for the Qwen2 policy."""
+    """Slot-based continuous-batching decode engine for the Qwen2 policy.
+
+    `decode_layout` ("auto", a name in `decode_layout.DECODE_LAYOUTS`, or a `DecodeLayout`) is how the
+    engine holds the weights and multiplies by them; "auto" picks by the mesh's platform.
+    """
 
     def __init__(self, model_config: ModelConfig, *, max_concurrent_decodes: int,
                  max_prefill_length: int, max_target_length: int, stop_token_ids: Sequence[int],
                  pad_token_id: int = 0,
                  mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None,
                  cache_dtype: str | None = None, min_prefill_bucket: int = 16,
-                 per_layer_weights: bool = True, out_major_weights: bool | None = None):
+                 decode_layout: str | DecodeLayout = "auto"):
         if max_prefill_length >= max_target_length:
             raise ValueError(f"max_target_length ({max_target_length}) must exceed max_prefill_length "
                              f"({max_prefill_length}): it is the prompt plus the generated tokens")
@@ -115,28 +104,9 @@ class Engine:
         self.pad_token_id = int(pad_token_id)
         self.cache_dtype = cache_dtype or model_config.dtype
         self.buckets = prefill_buckets(self._max_prefill, min_prefill_bucket)
-        # Per-layer weight arrays (not stacked) make a decode step read each weight in place instead
-        # of copying its layer's slice first: 10-35% faster decoding on CPU (docs/benchmarks.md).
-        # The cost is compile time linear in depth, like an unrolled loop.
-        self.per_layer_weights = bool(per_layer_weights)
-        # Kernels stored [out, in] so that every matmul computes W x^T (models.qwen2.project): at
-        # decode batch sizes XLA:CPU's dot streams the weights up to 2x faster that way. Default on
-        # CPU only (not measured on GPU/TPU, where the compiler picks layouts itself).
-        if out_major_weights is None:
-            out_major_weights = self.mesh.devices.flat[0].platform == "cpu"
-        self.out_major_weights = bool(out_major_weights)
-        axes, shapes = param_logical_axes(model_config), param_shapes(model_config)
-        if self.out_major_weights:
-            axes, shapes = (transpose_kernels(axes, model_config),
-                            transpose_kernels(shapes, model_config))
-        self._layout_shapes = shapes
-        stacked = jax.tree.map(lambda a, sh: named_sharding(self.mesh, a, sh, self.rules), axes,
-                               shapes, is_leaf=lambda x: isinstance(x, tuple))
-        if self.per_layer_weights:
-            per_layer = jax.tree.map(lambda sh: NamedSharding(self.mesh, PartitionSpec(*sh.spec[1:])),
-                                     stacked["layers"])
-            stacked = dict(stacked, layers=tuple(per_layer for _ in range(model_config.num_layers)))
-        self.param_shardings = stacked
+        self.decode_layout = resolve_decode_layout(decode_layout,
+                                                   self.mesh.devices.flat[0].platform)
+        self.param_shardings = self.decode_layout.shardings(model_config, self.mesh, self.rules)
         self.state_shardings = self._state_shardings()
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._cast = None
@@ -176,27 +146,19 @@ class Engine:
     def load_params(self, params: Params | Any) -> Params:
         """Places parameters (a dict or an NNX model, training layout) in the sampling layout.
 
-        The sampling layout stores floating weights in the compute dtype (`model_config.dtype`):
-        decoding casts to it anyway, so float32 training weights cost half the memory in the sampler
-        under bf16 compute. Layers become separate arrays and kernels [out, in] when the engine is
-        built so. Parameters already in the sampling layout (an earlier result) are placed as they are.
+        The sampling layout (`self.decode_layout`) stores floating weights in the compute dtype
+        (`model_config.dtype`): decoding casts to it anyway, so float32 training weights cost half
+        the memory in the sampler under bf16 compute. Parameters already in the sampling layout (an
+        earlier result) are placed as they are.
         """
         if hasattr(params, "params") and callable(params.params):
             params = params.params()
-        if self._in_sampling_layout(params):
+        layout, cfg = self.decode_layout, self.config
+        if layout.holds(params, cfg):
             return jax.device_put(params, self.param_shardings)
-        if isinstance(params["layers"], (list, tuple)) and not self.per_layer_weights:
-            raise ValueError("per-layer parameters given to an Engine built with "
-                             "per_layer_weights=False; pass the stacked layout")
+        layout.check_input(params)
         if self._cast is None:
-            dt, cfg = jnp_dtype(self.config.dtype), self.config
-
-            def convert(p):
-                p = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating)
-                                 else x, p)
-                if self.out_major_weights:
-                    p = transpose_kernels(p, cfg)
-                return unstack_layers(p) if self.per_layer_weights else p
+            convert = lambda p: layout.convert(p, cfg)  # noqa: E731
             # On the engine's own devices: convert and reshard in one compiled program, so every
             # process of a multi-host job runs the same collectives in the same order.
             self._cast_to_layout = jax.jit(convert, out_shardings=self.param_shardings)
@@ -208,27 +170,9 @@ class Engine:
             return self._cast_to_layout(params)
         return jax.device_put(self._cast(params), self.param_shardings)
 
-    def _in_sampling_layout(self, params: Params) -> bool:
-        """Whether `params` already has the sampling layout's structure, shapes and dtypes."""
-        want = self.abstract_params()
-        if jax.tree.structure(params) != jax.tree.structure(want):
-            return False
-        if not all(np.shape(x) == w.shape and x.dtype == w.dtype
-                   for x, w in zip(jax.tree.leaves(params), jax.tree.leaves(want))):
-            return False
-        # A degenerate config whose transposed kernels keep their shapes: take it as training layout.
-        return not (self.out_major_weights and param_shapes(self.config) == self._layout_shapes)
-
     def abstract_params(self) -> Params:
         """ShapeDtypeStructs of the parameters as `load_params` lays them out (for AOT compiles)."""
-        cfg, dt = self.config, jnp_dtype(self.config.dtype)
-        shapes = self._layout_shapes
-        if self.per_layer_weights:
-            shapes = dict(shapes, layers=tuple(
-                {k: v[1:] for k, v in shapes["layers"].items()} for _ in range(cfg.num_layers)))
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, dt, sharding=sh), shapes,
-                            self.param_shardings, is_leaf=lambda x: isinstance(x, tuple) and
-                            all(isinstance(i, int) for i in x))
+        return self.decode_layout.abstract(self.config, self.param_shardings)
 
     def init_decode_state(self) -> DecodeState:
         """An empty decode state: preallocated KV cache, every slot free."""
@@ -316,7 +260,7 @@ class Engine:
         """The prefill program; with sampling params `sp` it also draws the first token."""
         first_token = sp is not None
         cfg, mesh, rules = self.config, self.mesh, self.rules
-        om = self.out_major_weights
+        matmul = self.decode_layout.matmul
         kv_sh = named_sharding(mesh, ("layers", None, "act_kv_heads", None, "head_dim"),
                                (cfg.num_layers, 1, cfg.num_kv_heads, bucket, cfg.head_dim), rules)
         rep = NamedSharding(mesh, PartitionSpec())
@@ -327,7 +271,7 @@ class Engine:
             cache = {"k": kv, "v": kv, "lengths": jnp.zeros((1,), jnp.int32)}
             mask = (jnp.arange(bucket) < true_length).astype(jnp.int32)[None]
             hidden, cache = decoder_apply(params, cfg, tokens[None], mask, cache=cache, mesh=mesh,
-                                          rules=rules, out_major=om)
+                                          rules=rules, matmul=matmul)
             prefix = {"k": cache["k"], "v": cache["v"], "true_length": true_length,
                       "last_token": tokens[true_length - 1]}
             if not first_token:
@@ -346,10 +290,8 @@ class Engine:
 
     def _sample(self, params: Params, hidden: jax.Array, keys: jax.Array, sp: SamplingParams):
         """(tokens, sampling log-probs, policy log-probs) for hidden states [B, D] (traced)."""
-        if self.out_major_weights:  # logits [V, B], sampled without a transpose
-            return sample_tokens(lm_logits_vocab_major(params, self.config, hidden), keys, sp,
-                                 vocab_axis=0)
-        return sample_tokens(lm_logits(params, self.config, hidden), keys, sp)
+        logits, vocab_axis = self.decode_layout.logits(params, self.config, hidden)
+        return sample_tokens(logits, keys, sp, vocab_axis=vocab_axis)
 
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int, *,
                key: jax.Array | None = None, max_new_tokens: int | None = None) -> DecodeState:
@@ -433,7 +375,7 @@ class Engine:
         return self._generate[sig]
 
     def _build_generate(self, num_steps: int, sp: SamplingParams):
-        cfg, mesh, rules, om = self.config, self.mesh, self.rules, self.out_major_weights
+        cfg, mesh, rules, matmul = self.config, self.mesh, self.rules, self.decode_layout.matmul
         stop_ids = jnp.asarray(self.stop_token_ids, jnp.int32)
         max_len = self.max_target_length
 
@@ -441,7 +383,7 @@ class Engine:
             active = state["active"]
             hidden, cache = decoder_apply(params, cfg, state["tokens"][:, None],
                                           active[:, None].astype(jnp.int32), cache=state["cache"],
-                                          mesh=mesh, rules=rules, out_major=om)
+                                          mesh=mesh, rules=rules, matmul=matmul)
             keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(state["keys"]),
                                                 state["generated"])
             tok, slp, plp = self._sample(params, hidden[:, 0], keys, sp)

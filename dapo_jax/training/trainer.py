@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,8 @@ from data_pipeline import datasets
 from dapo_jax import algo, experiment, models
 from dapo_jax.eval.runner import evaluate_records
 from dapo_jax.rewards.batch import score_batch
-from dapo_jax.runtime.host_transfer import to_host, tree_to_host
+from dapo_jax.rewards.custom import RewardFn, load_reward_fn
+from dapo_jax.runtime.host_transfer import tree_to_host
 from dapo_jax.sampler import RolloutBackend, RolloutDriver, RolloutRequest
 from dapo_jax.training import batching, reporting
 from dapo_jax.training.checkpointing import CheckpointStore
@@ -47,16 +48,14 @@ __all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "RewardFn", "Trainer"]
 
 log = logging.getLogger(__name__)
 
-# (response texts, ground truths) -> one {"score", "acc", ...} dict per response.
-RewardFn = Callable[[list[str], list[str]], list[dict]]
-
 
 def configured_reward(config: ml_collections.ConfigDict) -> RewardFn:
-    """The config's rule-based scorer (math_dapo by default) as a reward function."""
+    """`reward.fn` when set (imported and checked now), else the config's rule-based scorer."""
     r = config.reward
+    if r.get("fn"):
+        return load_reward_fn(r.fn)
 
     def reward(texts: list[str], truths: list[str]) -> list[dict]:
-        # Looked up at call time so tools that swap the module's scorer (scripts/) reach it.
         return score_batch(texts, truths, scorer=r.scorer, num_workers=r.num_workers or None,
                            boxed_fallback=bool(r.get("boxed_fallback", False)))
 
@@ -101,7 +100,10 @@ class Trainer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.is_main = jax.process_index() == 0
         self.progress = sys.stderr.isatty() if progress is None else progress
-        self.train_records = datasets.load_records(c.data.train, c, split="train")
+        # Every dataset is read through its TFDS array_record cache (built once, by process 0).
+        data_cache = datasets.cache_dir(c, self.workdir)
+        self.train_records = datasets.load_records(c.data.train, c, split="train",
+                                                   cache_dir=data_cache)
         self.exp = exp = experiment.build(c, workdir=self.workdir, train_records=self.train_records)
         self.mesh, self.model_cfg, self.tokenizer = exp.mesh, exp.model_config, exp.tokenizer
         self.P, self.R, self.G = exp.prompt_length, exp.response_length, int(c.rollout.n)
@@ -139,7 +141,8 @@ class Trainer:
             self.train_records, batch_size=c.trainer.gen_batch_size, seed=c.seed,
             num_epochs=c.data.num_epochs or None, shuffle=c.data.shuffle, shard_index=0,
             shard_count=1)
-        self.val_sets = {datasets.dataset_name(v): datasets.load_records(v, c, split="val")
+        self.val_sets = {datasets.dataset_name(v): datasets.load_records(v, c, split="val",
+                                                                         cache_dir=data_cache)
                          for v in (c.data.val or [])}
         self.step = 0
         self.gen_batches_drawn = 0
@@ -277,7 +280,6 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One training step (possibly several generation batches); returns its metrics."""
-        c = self.config
         t_step = time.perf_counter()
         timer = _Timer("gen", "reward")
         raw_acc, truncated_prompts = [], 0
