@@ -9,7 +9,6 @@ matching `matmul` to `decoder_apply`.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -308,15 +307,3 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: str | Non
     dt = jnp_dtype(dtype or cfg.dtype)
     return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
             "lengths": jnp.zeros((batch_size,), jnp.int32)}
-
-
-def cache_logical_axes() -> dict[str, tuple]:
-    """Logical axes of the KV cache arrays."""
-    kv = ("layers", "cache_batch", "act_kv_heads", "cache_seq", "head_dim")
-    return {"k": kv, "v": kv, "lengths": ("cache_batch",)}
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _forward_jit(params, cfg, input_ids, attention_mask):
-    hidden, _ = decoder_apply(params, cfg, input_ids, attention_mask)
-    return lm_logits(params, cfg, hidden)
