@@ -30,11 +30,11 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from dapo_jax.runtime.devices import device_spec
-from dapo_jax import models
+from configs.base import get_base_config
+from dapo_jax import experiment, models
 from dapo_jax.models.config import DTYPES, ModelConfig
-from dapo_jax.sampler import (DECODE_LAYOUT_CHOICES, Engine, RolloutDriver, RolloutRequest,
-                              SamplingParams)
+from dapo_jax.runtime.devices import device_spec
+from dapo_jax.sampler import DECODE_LAYOUT_CHOICES, RolloutDriver, RolloutRequest, SamplingParams
 
 SAMPLING = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, greedy=False)
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -180,11 +180,15 @@ def run_ours(cfg: ModelConfig, params: dict, prompts: np.ndarray, new_tokens: in
     """
     n = args.samples_per_prompt
     batch, prompt_len = len(prompts) * n, prompts.shape[1]
-    engine = Engine(cfg, max_concurrent_decodes=batch, max_prefill_length=prompt_len,
-                    max_target_length=prompt_len + new_tokens,
-                    stop_token_ids=[cfg.vocab_size],  # outside the vocabulary: never sampled
-                    cache_dtype=args.cache_dtype,
-                    decode_layout=args.decode_layout)
+    # The engine the trainer would build (experiment.make_engine) for these shapes, on one device.
+    config = get_base_config()
+    config.data.max_prompt_length, config.data.max_response_length = prompt_len, new_tokens
+    config.rollout.max_concurrent_decodes = batch
+    config.rollout.cache_dtype = args.cache_dtype or cfg.dtype
+    config.rollout.decode_layout = args.decode_layout
+    mesh = models.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    engine = experiment.make_engine(config, cfg, mesh, pad_id=0,
+                                    stop_ids=[cfg.vocab_size])  # outside the vocabulary: never sampled
     driver = RolloutDriver(engine, params, steps_per_sync=args.steps_per_sync, progress=False,
                            sampling=SAMPLING)
     requests = [RolloutRequest([int(t) for t in p], n=n, max_new_tokens=new_tokens) for p in prompts]

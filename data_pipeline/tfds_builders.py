@@ -19,6 +19,7 @@ import abc
 import dataclasses
 import hashlib
 import json
+import contextlib
 import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -235,7 +236,28 @@ class _Variant:
         return epath.Path(data_dir) / self.cls.name / self.config.name / str(self.cls.VERSION)
 
     def builder(self, data_dir: epath.PathLike) -> tfds.core.DatasetBuilder:
-        return self.cls(data_dir=epath.Path(data_dir), file_format=_FILE_FORMAT, config=self.config, **self.kwargs)
+        with _quiet_custom_config():
+            return self.cls(data_dir=epath.Path(data_dir), file_format=_FILE_FORMAT,
+                            config=self.config, **self.kwargs)
+
+
+class _CustomConfigFilter(logging.Filter):
+    """Drops TFDS's "Using custom data configuration" warning: every config here is custom (it is
+    named by a hash of its source), so the warning would print on every load and say nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Using custom data configuration" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_custom_config():
+    absl_logger = logging.getLogger("absl")
+    flt = _CustomConfigFilter()
+    absl_logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(flt)
 
 
 def _variant(
