@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from configs.base import get_base_config
+from dapo_jax import experiment, models
 from dapo_jax.runtime.devices import device_spec
-from dapo_jax import models
 from dapo_jax.models.config import DTYPES, REMAT_POLICIES, ModelConfig
 
 # DAPO's decoupled clip range (Clip-Higher): ratio clipped to [1 - 0.2, 1 + 0.28].
@@ -93,8 +94,13 @@ def make_batch(cfg: ModelConfig, batch: int, seq_len: int, seed: int = 0) -> dic
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Compiles and times the gradient step and the reference matmuls; returns every number."""
-    cfg = models.preset(args.preset).replace(dtype=args.dtype, remat=args.remat,
-                                             param_dtype="float32")
+    # The ModelConfig a training run of this preset gets (experiment builder), with the published
+    # vocabulary (no tokenizer here) and the benchmark's dtype / remat.
+    config = get_base_config()
+    config.model.preset = args.preset
+    config.model.vocab_size = models.preset(args.preset).vocab_size
+    config.model.dtype, config.model.remat, config.model.param_dtype = args.dtype, args.remat, "float32"
+    cfg = experiment.resolve_model_config(config)
     params = models.init_model(cfg, seed=0).params()
     batch = make_batch(cfg, args.batch, args.seq_len)
 
