@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 WORKDIR ?= workdir/demo
 PYTEST_ARGS ?=
+# Extra demo flags, e.g. config overrides: make demo ARGS="--config.trainer.total_steps=5"
+ARGS ?=
 
 .PHONY: demo test install install-test clean bench
 
@@ -27,7 +29,7 @@ install: $(STAMP)
 install-test: $(TEST_STAMP)
 
 demo: $(STAMP)
-	$(PY) -m dapo_jax.demo --workdir $(WORKDIR)
+	$(PY) -m dapo_jax.demo --workdir $(WORKDIR) $(ARGS)
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest -n 2 -ra --durations=15 $(PYTEST_ARGS) tests

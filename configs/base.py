@@ -29,11 +29,16 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # matmul / activation dtype
     c.model.remat = "full"  # none | full | dots
     c.model.scan_layers = True
+    # Attention without a [T, T] score matrix: auto = splash kernel on TPU, Pallas/Triton kernel on
+    # GPU, blockwise online softmax on CPU; or force dense | blockwise | splash | pallas_gpu.
+    c.model.attention = "auto"
     c.model.vocab_size = 0  # preset override (0 = keep); the toy sets it from its tokenizer
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""  # defaults to model.path
-    c.tokenizer.stop_tokens = ["<|im_end|>", "<|endoftext|>"]  # plus the tokenizer's EOS
+    # Plus the tokenizer's EOS. Lists are tuples so the command line can set them:
+    # --config.tokenizer.stop_tokens='<|im_end|>,<|endoftext|>' (comma-separated; see data.val).
+    c.tokenizer.stop_tokens = ("<|im_end|>", "<|endoftext|>")
 
     # Device mesh; -1 absorbs the remaining devices. Training and sampling share it.
     c.mesh = ml_collections.ConfigDict()
@@ -44,11 +49,17 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "toy"  # "toy", a DAPO parquet file/folder, or a JSONL problem file
-    c.data.val = ["toy"]  # datasets evaluated every trainer.test_freq steps
+    # Datasets evaluated every trainer.test_freq steps. On the command line a comma-separated list,
+    # --config.data.val=aime2024,math500 (or "('aime2024', 'math500')"); each entry is split at commas.
+    c.data.val = ("toy",)
     c.data.template = "dapo"  # prompt template for bare problems (JSONL / toy): dapo | short
     c.data.system_prompt = ml_collections.config_dict.placeholder(str)  # None = no system message
     c.data.apply_chat_template = True
     c.data.max_prompt_length = 2048
+    # Prompts longer than max_prompt_length (each batch with some logs a warning with the count), as
+    # verl's data.truncation: left = keep the last tokens (the question's end and the generation
+    # prompt), right = keep the first tokens, error = stop with the count.
+    c.data.truncation = "left"
     c.data.max_response_length = 20480
     c.data.num_epochs = 0  # 0 = repeat forever (the step count decides)
     c.data.shuffle = True
@@ -113,7 +124,11 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-6
-    c.optim.warmup_steps = 10  # linear warmup, then constant
+    c.optim.warmup_steps = 10  # linear warmup: step s (from 0) trains at lr * (s + 1) / warmup_steps
+    # After the warmup: constant (the paper) | cosine | linear decay to lr * min_lr_ratio at the
+    # last step (trainer.total_steps).
+    c.optim.lr_schedule = "constant"
+    c.optim.min_lr_ratio = 0.0
     c.optim.weight_decay = 0.1
     c.optim.grad_clip = 1.0
     c.optim.b1 = 0.9
@@ -143,6 +158,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Share of warm-start draws whose target is a bare "So the result is N." (unreadable by the DAPO
     # reward) instead of the worked solution ending in the "Answer: N" line.
     c.warm_start.format_noise = 0.0
+
+    # Optional Weights & Biases logging, beside metrics/ and TensorBoard, with the same metric names.
+    # Off while wandb_project is empty; needs `pip install 'dapo_jax[wandb]'` (imported only when set).
+    # A resumed run continues the same W&B run (its id is kept in <workdir>/run/wandb_id).
+    c.logging = ml_collections.ConfigDict()
+    c.logging.wandb_project = ""
+    c.logging.wandb_entity = ""  # "" = your default entity
+    c.logging.wandb_name = ""  # "" = the workdir's name
 
     c.eval = ml_collections.ConfigDict()
     c.eval.n = 32  # samples per problem: avg@32

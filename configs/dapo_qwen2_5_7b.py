@@ -14,7 +14,7 @@ def get_config(arg: str = "dapo"):
     c.model.preset = "qwen2.5-math-7b" if math else "qwen2.5-7b"
     c.mesh.tensor = 4
     c.data.train = "gs://YOUR_BUCKET/data/dapo-math-17k.parquet"
-    c.data.val = ["gs://YOUR_BUCKET/data/aime-2024.parquet"]
+    c.data.val = ("gs://YOUR_BUCKET/data/aime-2024.parquet",)
     # Qwen2.5-Math has a 4k context: keep prompt + response inside it.
     c.data.max_prompt_length = 1024 if math else 2048
     c.data.max_response_length = 3072 if math else 8192

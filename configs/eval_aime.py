@@ -7,7 +7,7 @@ from configs.base import get_base_config
 def get_config(arg: str = ""):
     """`--config configs/eval_aime.py[:dataset,...]` (default aime2024)."""
     c = get_base_config()
-    c.data.val = [d for d in (arg or "aime2024").split(",") if d]
+    c.data.val = tuple(d for d in (arg or "aime2024").split(",") if d)
     c.eval.n = 32
     c.eval.temperature = 1.0
     c.eval.top_p = 0.7

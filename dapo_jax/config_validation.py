@@ -5,12 +5,41 @@ from __future__ import annotations
 import ml_collections
 
 from dapo_jax.algo import LOSS_AGG_MODES
-from dapo_jax.models.config import DTYPES, PRESETS, REMAT_POLICIES
+from dapo_jax.models.config import ATTENTION_IMPLEMENTATIONS, DTYPES, PRESETS, REMAT_POLICIES
 from dapo_jax.sampler.decode_layout import DECODE_LAYOUT_CHOICES
 
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the key and how to fix it."""
+
+
+LIST_FIELDS = ("data.val", "tokenizer.stop_tokens")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+TRUNCATION_MODES = ("left", "right", "error")
+
+
+def as_list(value) -> list[str]:
+    """A list field as given in a config file (list/tuple) or on the command line: every entry split
+    at commas, blanks dropped, so `--config.data.val=aime2024,math500` names two datasets."""
+    items = [value] if isinstance(value, str) else list(value or ())
+    return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+
+
+def normalize_lists(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Rewrites the LIST_FIELDS of `c` in place as tuples of single entries (see `as_list`).
+
+    ml_collections cannot override list fields from the command line; tuple fields it parses as one
+    string (`('aime2024,math500',)`) or a Python literal. validate_config calls it; code reading
+    these fields goes through `as_list`, which also reads a field a config declared as a string.
+    """
+    for key in LIST_FIELDS:
+        section, field = key.split(".")
+        if section in c and field in c[section]:
+            try:
+                c[section][field] = tuple(as_list(c[section][field]))
+            except TypeError:  # a str-typed field stays a string; readers go through as_list
+                pass
+    return c
 
 
 def _check(cond: bool, key: str, msg: str, problems: list[str]) -> None:
@@ -25,6 +54,7 @@ def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None
     `training=False` checks what evaluating a checkpoint reads (its architecture comes from the
     checkpoint; the algorithm, trainer and optimizer sections are not used).
     """
+    normalize_lists(c)
     p: list[str] = []
     if training:
         _check(bool(c.model.path) or bool(c.model.preset), "model",
@@ -44,9 +74,14 @@ def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None
                f"of {list(DECODE_LAYOUT_CHOICES)} ('auto' = per-layer weights, [out, in] kernels on "
                "CPU only)", p)
     _check(c.model.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}", p)
+    _check(c.model.get("attention", "auto") in ATTENTION_IMPLEMENTATIONS, "model.attention",
+           f"must be one of {ATTENTION_IMPLEMENTATIONS} (auto picks by platform)", p)
     d = c.data
     _check(d.max_prompt_length > 0, "data.max_prompt_length", "must be positive", p)
     _check(d.max_response_length > 0, "data.max_response_length", "must be positive", p)
+    _check(d.get("truncation", "left") in TRUNCATION_MODES, "data.truncation",
+           f"must be one of {TRUNCATION_MODES} (left = keep the prompt's end, right = its "
+           "beginning, error = stop when a prompt is longer than data.max_prompt_length)", p)
     if training:
         _check_training(c, num_devices, p)
     _check(c.reward.scorer in ("math_dapo", "math_verify"), "reward.scorer",
@@ -117,6 +152,19 @@ def _check_training(c: ml_collections.ConfigDict, num_devices: int | None, p: li
     _check(a.dynamic_sampling.max_num_gen_batches >= 0, "algo.dynamic_sampling.max_num_gen_batches",
            "must be >= 0 (0 = unlimited)", p)
     _check(c.optim.lr > 0, "optim.lr", "must be > 0", p)
+    o = c.optim
+    schedule = o.get("lr_schedule", "constant")
+    _check(schedule in LR_SCHEDULES, "optim.lr_schedule",
+           f"must be one of {LR_SCHEDULES} (the decay after optim.warmup_steps), got {schedule!r}", p)
+    _check(0.0 <= o.get("min_lr_ratio", 0.0) <= 1.0, "optim.min_lr_ratio",
+           "must be in [0, 1] (the final lr of a cosine/linear schedule as a share of optim.lr)", p)
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", p)
+    _check(schedule == "constant" or o.warmup_steps < t.total_steps, "optim.warmup_steps",
+           f"must be < trainer.total_steps ({t.total_steps}) for a {schedule} decay to happen", p)
+    lg = c.get("logging")
+    if lg is not None:
+        _check(isinstance(lg.get("wandb_project", ""), str), "logging.wandb_project",
+               "must be a W&B project name, or '' for no W&B logging", p)
     _check(t.save_every >= 1, "trainer.save_every", "must be >= 1", p)
     _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1", p)
     ws = c.get("warm_start")

@@ -3,6 +3,9 @@
 Runs `configs/toy.py` (supervised warm start cached in the workdir, then DAPO with the real `math_dapo`
 reward and dynamic sampling), then plots held-out accuracy, response length and entropy per step to
 `<workdir>/curves.png` and prints a summary. Re-running resumes (or just re-reports) the same workdir.
+
+Config overrides work as in training: `python -m dapo_jax.demo --config.trainer.total_steps=5`, or
+`make demo ARGS="--config.trainer.total_steps=5"`.
 """
 
 from __future__ import annotations
@@ -70,13 +73,20 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default="workdir/demo")
     parser.add_argument("--config", default="configs/toy.py", help="config file (default toy)")
     parser.add_argument("--steps", type=int, default=None, help="override trainer.total_steps")
-    args = parser.parse_args(argv)
+    parser.epilog = "--config.a.b=value overrides a config field, as in python -m dapo_jax.train."
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (config fields are set with "
+                     "--config.a.b=value)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from dapo_jax.training.metrics_writer import read_metrics
+    from dapo_jax.training.run_record import tee_console
     from dapo_jax.training.trainer import Trainer
 
-    config = _load_config(args.config)
+    config = _load_config(args.config, rest)
+    tee_console(args.workdir)
     if args.steps:
         config.trainer.total_steps = args.steps
     t0 = time.time()
@@ -99,23 +109,23 @@ def main(argv=None) -> int:
         print(f"DAPO demo: held-out accuracy ({key.split('/')[-1]}) {a0:.3f} at step {s0} -> "
               f"{a1:.3f} at step {s1} ({100 * (a1 - a0):+.1f} points; best {best:.3f} at step "
               f"{best_step}) in {minutes:.1f} min; "
-              f"curves in {png}; metrics in {os.path.join(args.workdir, 'metrics.jsonl')}")
+              f"curves in {png}; metrics in {os.path.join(args.workdir, 'metrics')}/")
     else:
         print(f"DAPO demo finished in {minutes:.1f} min; curves in {png}")
     return 0
 
 
-def _load_config(path: str):
-    """Loads `file.py[:arg]` the way `--config` does."""
-    import importlib.util
+def _load_config(path: str, overrides: list[str] | tuple[str, ...] = ()):
+    """Loads `file.py[:arg]` and applies `--config.a.b=v` overrides exactly as `--config` does."""
+    from absl import flags
+    from ml_collections import config_flags
 
-    file, _, arg = path.partition(":")
-    spec = importlib.util.spec_from_file_location("demo_config", file)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"config file {file} not found")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    argv = ["demo", f"--config={path}", *overrides]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", path, "Experiment config file.",
+                                    flag_values=flag_values, lock_config=True, sys_argv=argv)
+    flag_values(argv)
+    return flag_values.config
 
 
 if __name__ == "__main__":

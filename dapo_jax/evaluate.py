@@ -4,7 +4,13 @@
   python -m dapo_jax.evaluate --config configs/eval_aime.py --responses FILE.jsonl [--out DIR]
 
 `--checkpoint` is a HF directory (config.json + safetensors) or a training workdir (latest step, or
-`--step`). Writes report.json, report.md and samples.jsonl per dataset and prints a summary.
+`--step`; its tokenizer is the copy the run recorded in <workdir>/run/tokenizer/). Writes
+report.json, report.md and samples.jsonl per dataset and prints a summary.
+
+`--responses` scores one JSONL of {id, response} against every dataset of `data.val` (e.g.
+`--config.data.val=aime2024,math500`): each row goes to the dataset that has its id. Every problem
+needs a response, else it is an error naming how many are missing; `--allow_partial` scores what
+is there.
 """
 
 from __future__ import annotations
@@ -20,24 +26,32 @@ log = logging.getLogger(__name__)
 
 
 def _load_checkpoint(path: str, step: int | None, config, mesh):
-    """(params, model_config, tokenizer_dir) from a HF directory or a training workdir."""
+    """(params, model_config, tokenizer source) from a HF directory, .gguf file, Hub id or a training
+    workdir."""
     import jax
     from etils import epath
     from flax import nnx
 
     from dapo_jax import models
     from dapo_jax.models.config import ModelConfig
+    from dapo_jax.models import sources
     from dapo_jax.training.checkpointing import CHECKPOINT_DIR, CheckpointStore
 
-    p = epath.Path(path)
+    from dapo_jax.training import run_record
+
+    # Orbax needs absolute paths; gs:// paths already are.
+    p = epath.Path(path if "://" in path else os.path.abspath(path))
     m = config.model
-    if (p / "config.json").exists():
-        model, cfg = models.load_pretrained(p, dtype=m.param_dtype, mesh=mesh, compute_dtype=m.dtype,
-                                            remat="none", scan_layers=m.scan_layers)
-        return model.params(), cfg, os.fspath(p)
-    if not (p / CHECKPOINT_DIR).exists():
-        raise FileNotFoundError(f"--checkpoint {path}: neither a HF directory (config.json) nor a "
-                                f"training workdir ({CHECKPOINT_DIR}/)")
+    if not (p / CHECKPOINT_DIR).exists():  # a HF directory, a .gguf file or a Hub id
+        try:
+            source = sources.resolve(path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--checkpoint {path}: not a training workdir ({CHECKPOINT_DIR}/"
+                                    f") either. {e}") from e
+        model, cfg = models.load_pretrained(source.local, dtype=m.param_dtype, mesh=mesh,
+                                            compute_dtype=m.dtype, remat="none",
+                                            scan_layers=m.scan_layers)
+        return model.params(), cfg, source.local
     store = CheckpointStore(p)
     steps = store.all_steps()
     if not steps:
@@ -54,37 +68,81 @@ def _load_checkpoint(path: str, step: int | None, config, mesh):
         models.param_shardings(cfg, mesh))
     params = store.restore_params(step, abstract)
     store.close()
-    tok = config.tokenizer.path or (os.fspath(p / "toy_tokenizer") if (p / "toy_tokenizer").exists()
-                                    else config.model.path)
+    # The config's tokenizer when set, else the one the run recorded, else (older workdirs) the toy
+    # tokenizer the run built or model.path.
+    tok = (config.tokenizer.path or run_record.recorded_tokenizer(p)
+           or (os.fspath(p / "toy_tokenizer") if (p / "toy_tokenizer").exists()
+               else config.model.path))
+    if not tok:
+        raise FileNotFoundError(
+            f"--checkpoint {path}: the workdir records no tokenizer (run/tokenizer/ is missing: the "
+            "run predates run records); pass --config.tokenizer.path=DIR (a folder with "
+            "tokenizer.json)")
     log.info("loaded step %d from %s", step, store.directory)
     return params, cfg, tok
 
 
+def _score_responses(config, responses: str, out: str, cache_dir, *, allow_partial: bool
+                     ) -> dict[str, Any]:
+    """Scores one responses file against every dataset of data.val (rows go by problem id)."""
+    from data_pipeline import datasets as ds_lib
+    from dapo_jax.config_validation import as_list
+    from dapo_jax.eval import report
+
+    problems_of: dict[str, list[dict]] = {}
+    for spec in as_list(config.data.val):
+        records = ds_lib.load_records(spec, config, split="val", cache_dir=cache_dir)
+        problems_of[ds_lib.dataset_name(spec)] = [{"id": str(r["id"]), "answer": r["ground_truth"]}
+                                                  for r in records]
+    dataset_of = {}
+    for name, problems in problems_of.items():
+        for pr in problems:
+            dataset_of.setdefault(pr["id"], name)  # an id two datasets share goes to the first
+    samples = report.read_responses_jsonl(responses, list(dataset_of))
+    by_dataset: dict[str, list[dict]] = {name: [] for name in problems_of}
+    for sample in samples:
+        by_dataset[dataset_of[sample["problem_id"]]].append(sample)
+    answered = {s["problem_id"] for s in samples}
+    missing = {name: [pr["id"] for pr in problems if pr["id"] not in answered]
+               for name, problems in problems_of.items()}
+    total_missing = sum(len(v) for v in missing.values())
+    if total_missing and not allow_partial:
+        detail = "; ".join(f"{name}: {len(ids)} of {len(problems_of[name])}, e.g. {ids[:3]}"
+                           for name, ids in missing.items() if ids)
+        raise ValueError(f"{responses}: {total_missing} problems have no response ({detail}). "
+                         "Add their responses, drop the dataset from --config.data.val, or pass "
+                         "--allow_partial to score only the problems that have responses")
+    boxed_fallback = bool(config.reward.get("boxed_fallback", False))
+    results: dict[str, Any] = {}
+    for name, problems in problems_of.items():
+        if not by_dataset[name]:
+            print(f"{name}: no responses in {responses}; skipped (--allow_partial)")
+            continue
+        summary = report.write_report(
+            problems, by_dataset[name], os.path.join(out, name), dataset=name,
+            scorer=ds_lib.DEFAULT_SCORER.get(name, config.reward.scorer),
+            boxed_fallback=boxed_fallback)
+        print(summary)
+        with open(os.path.join(out, name, report.REPORT_JSON)) as f:
+            results[name] = json.load(f)["metrics"]
+    return results
+
+
 def run(config, *, checkpoint: str | None, step: int | None, responses: str | None, out: str,
-        progress: bool | None = None) -> dict[str, Any]:
+        progress: bool | None = None, allow_partial: bool = False) -> dict[str, Any]:
     """Evaluates every dataset in config.data.val; returns {dataset: metrics}."""
     from data_pipeline import datasets as ds_lib
     from dapo_jax import experiment
-    from dapo_jax.eval import report
+    from dapo_jax.config_validation import as_list, normalize_lists
     from dapo_jax.eval.runner import evaluate_records
     from dapo_jax.sampler import RolloutDriver
 
+    normalize_lists(config)
     results: dict[str, Any] = {}
     cache_dir = ds_lib.cache_dir(config, out)  # no workdir here: data.cache_dir, else <out>/tfds
     boxed_fallback = bool(config.reward.get("boxed_fallback", False))
     if responses:
-        for spec in config.data.val:
-            name = ds_lib.dataset_name(spec)
-            records = ds_lib.load_records(spec, config, split="val", cache_dir=cache_dir)
-            problems = [{"id": r["id"], "answer": r["ground_truth"]} for r in records]
-            summary = report.score_responses_file(
-                responses, problems, os.path.join(out, name), dataset=name,
-                scorer=ds_lib.DEFAULT_SCORER.get(name, config.reward.scorer),
-                boxed_fallback=boxed_fallback)
-            print(summary)
-            with open(os.path.join(out, name, report.REPORT_JSON)) as f:
-                results[name] = json.load(f)["metrics"]
-        return results
+        return _score_responses(config, responses, out, cache_dir, allow_partial=allow_partial)
     if not checkpoint:
         raise ValueError("give --checkpoint (HF dir or training workdir) or --responses FILE")
     mesh = experiment.mesh_from_config(config)
@@ -95,7 +153,7 @@ def run(config, *, checkpoint: str | None, step: int | None, responses: str | No
     driver = RolloutDriver(exp.engine(max_new_tokens=e.max_new_tokens), params,
                            steps_per_sync=config.rollout.steps_per_sync, tokenizer=exp.tokenizer,
                            progress=progress)
-    for spec in config.data.val:
+    for spec in as_list(config.data.val):
         name = ds_lib.dataset_name(spec)
         records = ds_lib.load_records(spec, config, split="val", cache_dir=cache_dir)
         if e.max_problems:
@@ -106,7 +164,7 @@ def run(config, *, checkpoint: str | None, step: int | None, responses: str | No
             system_prompt=config.data.system_prompt,
             apply_chat_template=config.data.apply_chat_template, out_dir=os.path.join(out, name),
             scorer=ds_lib.DEFAULT_SCORER.get(name, config.reward.scorer), seed=config.seed,
-            boxed_fallback=boxed_fallback)
+            boxed_fallback=boxed_fallback, truncation=config.data.get("truncation", "left"))
         print(summary, flush=True)
         results[name] = metrics
     return results
@@ -126,10 +184,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     flags.DEFINE_string("responses", None, "Score this JSONL of {id, response} instead of "
                         "generating.", flag_values=flags_)
     flags.DEFINE_string("out", "eval_out", "Output folder for the reports.", flag_values=flags_)
+    flags.DEFINE_bool("allow_partial", False, "With --responses: score the problems that have "
+                      "responses instead of stopping when some have none.", flag_values=flags_)
+    if any(a in ("-h", "--help", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
+        # absl handles --help only for its global flags (app.run); these flags are private.
+        print(__doc__)
+        print(flags_.get_help())
+        sys.exit(0)
     flags_(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     results = run(flags_.config, checkpoint=flags_.checkpoint, step=flags_.step,
-                  responses=flags_.responses, out=flags_.out)
+                  responses=flags_.responses, out=flags_.out, allow_partial=flags_.allow_partial)
     with open(os.path.join(flags_.out, "metrics.json"), "w") as f:
         json.dump(results, f, indent=2)
 

@@ -22,7 +22,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from dapo_jax.config_validation import validate_config
+from dapo_jax.config_validation import as_list, validate_config
 from dapo_jax.models.config import ModelConfig, from_hf_config, preset
 from dapo_jax.models.sharding import make_mesh
 from dapo_jax.sampler.engine import Engine
@@ -45,10 +45,10 @@ def mesh_from_config(config: ml_collections.ConfigDict,
 
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The run's dtype / remat / layer-scan choices, applied to any architecture."""
+    """The run's dtype / remat / layer-scan / attention choices, applied to any architecture."""
     m = config.model
     return dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
-                scan_layers=bool(m.scan_layers))
+                scan_layers=bool(m.scan_layers), attention=str(m.get("attention", "auto")))
 
 
 def resolve_model_config(config: ml_collections.ConfigDict, *, tokenizer_size: int | None = None
@@ -160,7 +160,9 @@ def optimizer(config: ml_collections.ConfigDict
     o = config.optim
     tx = make_optimizer(weight_decay=o.weight_decay, grad_clip=o.grad_clip, b1=o.b1, b2=o.b2,
                         eps=o.eps)
-    return tx, lr_schedule(o.lr, o.warmup_steps)
+    return tx, lr_schedule(o.lr, o.warmup_steps, decay=o.get("lr_schedule", "constant"),
+                           total_steps=int(config.trainer.total_steps),
+                           min_lr_ratio=float(o.get("min_lr_ratio", 0.0)))
 
 
 def make_engine(config: ml_collections.ConfigDict, model_config: ModelConfig, mesh: Mesh, *,
@@ -234,7 +236,7 @@ def build(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike | Non
         tokenizer_dir = tokenizer_source(config, workdir, train_records)
     tokenizer = load_tokenizer(tokenizer_dir)
     cfg = model_config or resolve_model_config(config, tokenizer_size=len(tokenizer))
-    stop_ids, pad_id = stop_and_pad_ids(tokenizer, config.tokenizer.stop_tokens)
+    stop_ids, pad_id = stop_and_pad_ids(tokenizer, as_list(config.tokenizer.stop_tokens))
     return Experiment(config=config, mesh=mesh, model_config=cfg, tokenizer=tokenizer,
                       tokenizer_dir=os.fspath(tokenizer_dir), stop_ids=stop_ids, pad_id=pad_id,
                       loss=loss_settings(config, mesh), train_sampling=sampling_params(config.rollout),

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dapo_jax import experiment
 from dapo_jax.models import hf_checkpoint
+from dapo_jax.models.attention import score_block_bytes
 from dapo_jax.models.config import ModelConfig
 from dapo_jax.models.qwen2 import jnp_dtype, param_shapes
 from dapo_jax.models.sharding import MESH_AXES, make_mesh
@@ -77,7 +78,7 @@ class Analytic:
     grad_accumulator: int  # the float32 gradient sum carried through the micro-batch scan
     minibatch: int  # one mini-batch of inputs, [num_micro, micro_batch, ...]
     remat_checkpoints: int  # activations kept for the backward pass under model.remat
-    attention_scores: int  # one layer's float32 attention scores (materialised, no flash kernel)
+    attention_scores: int  # float32 attention scores one layer holds at once (model.attention)
     sampler_params: int  # sampling layout (tensor-parallel, replicated over data/fsdp)
     decode_state: int  # KV cache + per-slot vectors
     kv_cache: int
@@ -275,10 +276,19 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq: int, tensor: int, remat: 
     return cfg.num_layers * rows * seq * per_token
 
 
-def attention_score_bytes(cfg: ModelConfig, rows: int, seq: int, tensor: int) -> int:
-    """One layer's float32 attention scores [rows, heads, T, T] on one device."""
+def attention_score_bytes(cfg: ModelConfig, rows: int, seq: int, tensor: int,
+                          implementation: str | None = None) -> int:
+    """Float32 attention scores one layer holds at once on one device, for `cfg.attention`.
+
+    "dense" materialises [rows, heads, T, T]; "blockwise" one key block [rows, heads, T, block];
+    the Pallas kernels keep their tiles on chip. "auto" is counted as blockwise: an upper bound for
+    the kernels it picks on TPU/GPU, and what the planner's XLA:CPU compile runs.
+    """
+    impl = implementation or cfg.attention
+    if impl == "auto":
+        impl = "blockwise"
     h = cfg.num_heads // _divides(cfg.num_heads, tensor)
-    return rows * h * seq * seq * 4
+    return score_block_bytes(impl, rows, h, seq)
 
 
 def analytic(cfg: ModelConfig, mesh: Mesh, shapes: Shapes, tx) -> Analytic:
@@ -661,9 +671,9 @@ def format_report(result: PlanResult) -> str:
         f"{t.hbm_gib:.1f} GiB HBM -> {result.verdict} (headroom {100 * result.headroom:.1f}%)",
     ]
     if a.attention_scores > 0.1 * t.hbm_bytes:
-        lines.append(f"note: attention scores are materialised (no fused attention kernel): one "
-                     f"layer's [rows, heads, T, T] float32 scores take {_gib(a.attention_scores)} "
-                     f"per device at {rows} row(s) of {s.seq_len} tokens")
+        lines.append(f"note: attention scores take {_gib(a.attention_scores)} per device for one "
+                     f"layer at {rows} row(s) of {s.seq_len} tokens (model.attention="
+                     f"{m.model.attention!r}; 'auto' never materialises [T, T] scores)")
     if result.fits and result.headroom < TIGHT_HEADROOM:
         lines.append(f"warning: less than {100 * TIGHT_HEADROOM:.0f}% headroom; the TPU/GPU "
                      "compiler's temporaries can differ from XLA:CPU's")

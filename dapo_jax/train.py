@@ -1,5 +1,7 @@
 """Entry point: `python -m dapo_jax.train --config configs/X.py[:arg] --workdir DIR [--config.a.b=v]`.
 
+List fields take comma-separated values: `--config.data.val=aime2024,math500`. The run records itself
+in <workdir>/run/ (config, its diff from configs/base.py, commit, versions, tokenizer, console log).
 Restarting with the same --workdir resumes from its latest complete checkpoint. On SIGTERM (TPU spot
 preemption) the current step finishes, a checkpoint is saved and the process exits with code 42.
 """
@@ -42,6 +44,9 @@ def main(argv) -> None:
         logging.getLogger(name).setLevel(logging.INFO)
     distributed.check_shared_directory(FLAGS.workdir)
     is_main = jax.process_index() == 0
+    if is_main:  # <workdir>/run/console.log (the rest of <workdir>/run/ is written by the Trainer)
+        from dapo_jax.training.run_record import tee_console
+        tee_console(FLAGS.workdir)
     # One progress bar per job, not per host (process 0 also prints the step lines).
     trainer = Trainer(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress if is_main else False)
     try:

@@ -1,7 +1,13 @@
-"""Turns PromptRecords into left-truncated prompt token ids with the tokenizer's chat template."""
+"""Turns PromptRecords into prompt token ids with the tokenizer's chat template, cut to a length.
+
+Prompts longer than `max_prompt_length` are handled as verl's `data.truncation`: "left" keeps the
+last tokens (the question and the generation prompt; the default), "right" keeps the first, "error"
+refuses. Each batch with over-long prompts logs a warning with their count.
+"""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,10 +17,14 @@ from data_pipeline.records import Message, PromptRecord
 # system block ends (see `_render_without_system`).
 _SENTINEL = "<<dapo_jax system sentinel 7f3a>>"
 
+TRUNCATION_MODES = ("left", "right", "error")
+
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class RenderedPrompts:
-    """Prompt token ids (left-truncated) plus what was rendered and how much was cut."""
+    """Prompt token ids (cut to max_prompt_length) plus what was rendered and how much was cut."""
 
     token_ids: list[list[int]]
     texts: list[str]
@@ -23,7 +33,7 @@ class RenderedPrompts:
 
     @property
     def num_truncated(self) -> int:
-        """Prompts longer than max_prompt_length (their beginning was cut)."""
+        """Prompts longer than max_prompt_length (cut as `truncation` said)."""
         return sum(n > self.max_prompt_length for n in self.original_lengths)
 
     @property
@@ -96,22 +106,39 @@ def render_prompts(
     max_prompt_length: int,
     system_prompt: str | None = None,
     apply_chat_template: bool = True,
+    truncation: str = "left",
 ) -> RenderedPrompts:
-    """Renders, tokenises and LEFT-truncates prompts (keeps the last `max_prompt_length` tokens).
+    """Renders, tokenises and cuts prompts to `max_prompt_length` tokens.
 
+    `truncation`: "left" keeps the last tokens, "right" the first, "error" raises (naming how many
+    prompts are too long and the fixes). Over-long prompts are logged as a warning with their count.
     `system_prompt=None` means no system message at all (the template's default is stripped);
     a string is rendered as the system message. Special tokens come from the chat template, so the
     tokenizer adds none of its own unless the template is off.
     """
     if max_prompt_length <= 0:
         raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}")
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
     texts = [
         render_prompt_text(tokenizer, r, system_prompt=system_prompt, apply_chat_template=apply_chat_template)
         for r in records
     ]
     encoded = tokenizer(texts, add_special_tokens=not apply_chat_template)["input_ids"] if texts else []
+    too_long = [len(ids) for ids in encoded if len(ids) > max_prompt_length]
+    if too_long and truncation == "error":
+        raise ValueError(
+            f"{len(too_long)} of {len(encoded)} prompts are longer than data.max_prompt_length="
+            f"{max_prompt_length} tokens (longest {max(too_long)}); raise data.max_prompt_length or "
+            "set data.truncation to 'left' (keep the end) or 'right' (keep the beginning)")
+    if too_long:
+        log.warning("%d of %d prompts are longer than data.max_prompt_length=%d tokens (longest "
+                    "%d); cut on the %s (data.truncation=%s)", len(too_long), len(encoded),
+                    max_prompt_length, max(too_long), truncation, truncation)
+    cut = ((lambda ids: ids[-max_prompt_length:]) if truncation == "left"
+           else (lambda ids: ids[:max_prompt_length]))
     return RenderedPrompts(
-        token_ids=[list(ids[-max_prompt_length:]) for ids in encoded],
+        token_ids=[list(cut(ids)) for ids in encoded],
         texts=texts,
         original_lengths=[len(ids) for ids in encoded],
         max_prompt_length=max_prompt_length,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import pathlib
 import shutil
@@ -225,20 +224,19 @@ def launch(workdir: str | os.PathLike, overrides: Mapping[str, Any], *, num_proc
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, float]]:
-    """The records of <workdir>/metrics.jsonl (empty when absent)."""
-    path = pathlib.Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The per-step records of <workdir>/metrics/ in step order (empty when absent)."""
+    from dapo_jax.training.metrics_writer import read_metrics as read
+    return read(workdir)
 
 
 def last_logged_step(workdir: str | os.PathLike) -> int:
-    """The highest step in <workdir>/metrics.jsonl so far (0 if none); safe while it is written."""
-    path = pathlib.Path(workdir) / "metrics.jsonl"
+    """The highest step logged in <workdir>/metrics/ so far (0 if none); safe while it is written
+    (each step's object appears whole, by rename)."""
+    path = pathlib.Path(workdir) / "metrics"
     if not path.exists():
         return 0
-    *complete, _partial = path.read_text().split("\n")  # a line still being written has no "\n"
-    return max((json.loads(line)["step"] for line in complete if line.strip()), default=0)
+    steps = [int(p.name[5:-6]) for p in path.glob("step_*.jsonl")]
+    return max(steps, default=0)
 
 
 def comparable(record: Mapping[str, float]) -> dict[str, float]:

@@ -64,9 +64,10 @@ MUTATIONS = (
         "update_params_recompiles",
         "every weight swap rebuilds the engine's compiled programs (served by the persistent cache)",
         "dapo_jax/sampler/engine.py",
-        "        if self._cast is None:\n            dt, cfg = ",
+        "        layout.check_input(params)\n        if self._cast is None:",
+        "        layout.check_input(params)\n"
         "        self._cast, self._prefill, self._insert, self._generate = None, {}, {}, {}\n"
-        "        if self._cast is None:\n            dt, cfg = ",
+        "        if self._cast is None:",
         ("tests/test_compile_counts.py",)),
     Mutation(
         "same_key_every_decode_step",

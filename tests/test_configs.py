@@ -100,3 +100,61 @@ def test_paper_config_numbers_and_mesh_arithmetic_on_v5p_128():
         c.unlock()
         c.trainer.micro_batch_size = 4
         validate_config(c, num_devices=chips)
+
+
+def test_list_fields_take_comma_separated_values_on_the_command_line():
+    from dapo_jax.config_validation import as_list
+
+    c = parse("--config", str(CONFIG_DIR / "toy.py"), "--config.data.val=aime2024,math500",
+              "--config.tokenizer.stop_tokens=<|im_end|>")
+    validate_config(c)
+    assert c.data.val == ("aime2024", "math500")
+    assert c.tokenizer.stop_tokens == ("<|im_end|>",)
+    c = parse("--config", str(CONFIG_DIR / "toy.py"), "--config.data.val=('toy', 'aime2024')")
+    validate_config(c)
+    assert c.data.val == ("toy", "aime2024")
+    assert as_list("a, b,,c") == ["a", "b", "c"] and as_list(["a,b", "c"]) == ["a", "b", "c"]
+    assert as_list(()) == [] and as_list(None) == []
+
+
+def test_lr_schedule_and_truncation_are_validated():
+    c = parse("--config", str(CONFIG_DIR / "toy.py"), "--config.optim.lr_schedule=exponential",
+              "--config.optim.min_lr_ratio=1.5", "--config.data.truncation=middle",
+              "--config.logging.wandb_project=dapo")
+    with pytest.raises(ConfigError) as e:
+        validate_config(c)
+    msg = str(e.value)
+    assert "config.optim.lr_schedule: must be one of ('constant', 'cosine', 'linear')" in msg
+    assert "config.optim.min_lr_ratio: must be in [0, 1]" in msg
+    assert "config.data.truncation: must be one of ('left', 'right', 'error')" in msg
+    assert "wandb" not in msg
+    c = parse("--config", str(CONFIG_DIR / "toy.py"), "--config.optim.lr_schedule=cosine",
+              "--config.optim.warmup_steps=30", "--config.trainer.total_steps=30")
+    with pytest.raises(ConfigError, match=r"optim.warmup_steps: must be < trainer.total_steps"):
+        validate_config(c)
+
+
+@pytest.mark.parametrize("decay", ["constant", "cosine", "linear"])
+def test_lr_schedule_warms_up_then_decays_to_min_lr_at_the_last_step(decay):
+    """Against the closed forms: warmup lr*(s+1)/W, then cosine / linear from lr to lr*r over the
+    steps W-1 .. T-1."""
+    import math
+
+    from dapo_jax.experiment import optimizer
+
+    c = parse("--config", str(CONFIG_DIR / "toy.py"), f"--config.optim.lr_schedule={decay}",
+              "--config.optim.lr=0.5", "--config.optim.warmup_steps=4",
+              "--config.optim.min_lr_ratio=0.1", "--config.trainer.total_steps=14")
+    validate_config(c)
+    _, schedule = optimizer(c)
+    lr, W, T, r = 0.5, 4, 14, 0.1
+    for s in range(T + 2):
+        if s < W:
+            want = lr * (s + 1) / W
+        elif decay == "constant":
+            want = lr
+        else:
+            t = min((s - (W - 1)) / (T - W), 1.0)
+            shape = 0.5 * (1 + math.cos(math.pi * t)) if decay == "cosine" else 1 - t
+            want = lr * (r + (1 - r) * shape)
+        assert float(schedule(s)) == pytest.approx(want, rel=1e-5), (s, want)

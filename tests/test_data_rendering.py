@@ -59,3 +59,31 @@ def test_dapo_math_17k_prompts_render_within_the_length_budget(qwen, shared_data
     assert len(rendered.token_ids) == 64 and rendered.num_truncated == 0
     for record, ids in zip(records, rendered.token_ids):
         assert qwen.decode(ids) == _chatml_user_turn(record["prompt"][0]["content"])
+
+
+def test_truncation_right_keeps_the_beginning_and_error_names_the_count(qwen, aime):
+    short = {**aime[0], "prompt": [{"role": "user", "content": "Hi"}]}
+    records = [aime[0], short, aime[1]]
+    left = render_prompts(qwen, records, max_prompt_length=32)
+    right = render_prompts(qwen, records, max_prompt_length=32, truncation="right")
+    full = [qwen(t, add_special_tokens=False)["input_ids"] for t in right.texts]
+    assert right.token_ids[0] == full[0][:32] and left.token_ids[0] == full[0][-32:]
+    assert right.token_ids[1] == full[1] and right.num_truncated == 2
+    with pytest.raises(ValueError, match=r"2 of 3 prompts are longer than "
+                                         r"data.max_prompt_length=32.*data.truncation"):
+        render_prompts(qwen, records, max_prompt_length=32, truncation="error")
+    assert render_prompts(qwen, [short], max_prompt_length=32, truncation="error").num_truncated == 0
+    with pytest.raises(ValueError, match="truncation must be one of"):
+        render_prompts(qwen, records, max_prompt_length=32, truncation="middle")
+
+
+def test_over_long_prompts_are_a_console_warning_with_their_count(qwen, aime, caplog):
+    short = {**aime[0], "prompt": [{"role": "user", "content": "Hi"}]}
+    with caplog.at_level("WARNING", logger="data_pipeline.rendering"):
+        render_prompts(qwen, [aime[0], short, aime[1]], max_prompt_length=32)
+    assert "2 of 3 prompts are longer than data.max_prompt_length=32" in caplog.text
+    assert "data.truncation=left" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="data_pipeline.rendering"):
+        render_prompts(qwen, [short], max_prompt_length=32)
+    assert caplog.text == ""

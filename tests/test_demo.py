@@ -30,3 +30,23 @@ def test_plot_curves_writes_a_png(tmp_path):
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(path) > 10_000
+
+
+def test_demo_takes_config_overrides_like_training():
+    from dapo_jax.demo import _load_config
+
+    c = _load_config("configs/toy.py", ["--config.trainer.total_steps=5",
+                                        "--config.data.val=toy,toy"])
+    assert c.trainer.total_steps == 5 and c.data.val == ("toy,toy",)  # split by validation
+    assert _load_config("configs/toy.py:naive_grpo").algo.dynamic_sampling.enable is False
+
+
+def test_demo_rejects_arguments_that_are_not_config_overrides(capsys):
+    import pytest
+
+    from dapo_jax.demo import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--trainer.total_steps=5"])
+    assert e.value.code == 2
+    assert "--config.a.b=value" in capsys.readouterr().err

@@ -132,3 +132,85 @@ def test_reward_boxed_fallback_reaches_responses_scoring(tmp_path, shared_data):
         results = evaluate.run(c, checkpoint=None, step=None, responses=str(path),
                                out=str(tmp_path / f"scored_{flag}"))
         assert results["aime2024"]["val-core/aime2024/acc/mean@1"] == pytest.approx(accuracy)
+
+
+def _responses(shared_data, names, correct_of=lambda i: i < 10, skip=0):
+    rows = []
+    for name in names:
+        problems = [json.loads(line) for line in (shared_data / f"{name}.jsonl").read_text()
+                    .splitlines()]
+        for i, p in enumerate(problems[skip:]):
+            answer = p["answer"] if correct_of(i) else p["answer"] + 1
+            rows.append({"id": str(p["id"]), "response": f"Answer: {answer}"})
+    return rows
+
+
+def _write_rows(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def test_one_responses_file_is_scored_against_several_datasets(tmp_path, shared_data):
+    path = _write_rows(tmp_path / "r.jsonl",
+                       _responses(shared_data, ["aime2024", "aime2025"], lambda i: i < 6))
+    c = _config("aime2024")
+    c.data.val = ("aime2024,aime2025",)  # what --config.data.val=aime2024,aime2025 gives
+    results = evaluate.run(c, checkpoint=None, step=None, responses=path, out=str(tmp_path / "o"))
+    assert sorted(results) == ["aime2024", "aime2025"]
+    for name in results:
+        assert results[name][f"val-core/{name}/acc/mean@1"] == pytest.approx(6 / 30)
+
+
+def test_problems_without_responses_are_an_error_unless_allow_partial(tmp_path, shared_data):
+    # aime2025 complete, aime2024 without its first 4 problems.
+    rows = (_responses(shared_data, ["aime2024"], skip=4)
+            + _responses(shared_data, ["aime2025"]))
+    path = _write_rows(tmp_path / "r.jsonl", rows)
+    c = _config("aime2024,aime2025")
+    with pytest.raises(ValueError, match=r"4 problems have no response \(aime2024: 4 of 30"
+                                         r".*--allow_partial"):
+        evaluate.run(c, checkpoint=None, step=None, responses=path, out=str(tmp_path / "o"))
+    results = evaluate.run(c, checkpoint=None, step=None, responses=path,
+                           out=str(tmp_path / "o"), allow_partial=True)
+    assert results["aime2024"]["val-core/aime2024/acc/mean@1"] == pytest.approx(10 / 26)
+    assert results["aime2025"]["val-core/aime2025/acc/mean@1"] == pytest.approx(10 / 30)
+
+
+def test_evaluate_help_prints_the_flags_and_exits_0(capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["evaluate", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--checkpoint" in out and "--responses" in out and "--allow_partial" in out
+
+
+def test_a_relative_checkpoint_path_and_the_recorded_tokenizer_are_used(
+        tmp_path, monkeypatch, qwen_tokenizer_dir):
+    """A training workdir given as a relative path loads, with the tokenizer its run recorded in
+    run/tokenizer/ (no --config.tokenizer.path)."""
+    import shutil
+
+    from dapo_jax.training import run_record
+    from dapo_jax.training.checkpointing import CheckpointStore
+
+    cfg = models.preset("tiny", vocab_size=151936)
+    mesh = models.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    params = models.init_model(cfg, seed=0, mesh=mesh).params()
+    workdir = tmp_path / "wd"
+    store = CheckpointStore(workdir, keep=1, async_save=False)
+    import optax
+    store.save(1, params=params, opt_state=optax.sgd(0.1).init(params), arrays={},
+               meta={"step": 1, "model_config": cfg.__dict__})
+    store.close()
+    run_record.copy_tokenizer(qwen_tokenizer_dir, workdir / "run" / "tokenizer")
+    monkeypatch.chdir(tmp_path)
+    c = _config()
+    c.model.path = ""
+    c.tokenizer.path = ""
+    loaded, loaded_cfg, tok = evaluate._load_checkpoint("wd", None, c, mesh)
+    assert tok == str(workdir / "run" / "tokenizer")
+    assert loaded_cfg.num_layers == cfg.num_layers
+    np.testing.assert_array_equal(np.asarray(loaded["embed"]), np.asarray(params["embed"]))
+    shutil.rmtree(workdir / "run")
+    with pytest.raises(FileNotFoundError, match="tokenizer.path"):
+        evaluate._load_checkpoint("wd", None, c, mesh)

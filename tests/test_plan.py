@@ -144,7 +144,13 @@ def test_activation_estimate_matches_closed_form():
     none = planner.activation_bytes(cfg, rows, seq, 1, "none")
     # Without remat the [heads, T, T] scores (float32 + bfloat16 probabilities) are kept too.
     assert none >= 24 * rows * 14 * seq * seq * 6
-    assert planner.attention_score_bytes(cfg, rows, seq, 2) == rows * 7 * seq * seq * 4
+    # Dense attention materialises one layer's [rows, heads/tensor, T, T] float32 scores; the default
+    # ("auto": blockwise or a kernel) holds at most one [rows, heads, T, block] key block.
+    assert planner.attention_score_bytes(cfg, rows, seq, 2, "dense") == rows * 7 * seq * seq * 4
+    long = 4096
+    assert (planner.attention_score_bytes(cfg.replace(attention="blockwise"), rows, long, 2)
+            == rows * 7 * long * 512 * 4)
+    assert planner.attention_score_bytes(cfg, rows, long, 2) < rows * 7 * long * long * 4 / 4
 
 
 def test_micro_batch_not_divisible_by_batch_shards_names_the_field():

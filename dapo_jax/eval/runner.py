@@ -20,11 +20,14 @@ from dapo_jax.sampler.rollout import RolloutRequest
 def evaluate_records(driver, tokenizer, records: Sequence[dict], *, dataset: str, n: int, sampling,
                      max_new_tokens: int, max_prompt_length: int, system_prompt: str | None,
                      apply_chat_template: bool, out_dir, scorer: str = "math_dapo", seed: int = 0,
-                     write: bool = True,
-                     boxed_fallback: bool = False) -> tuple[str, dict[str, float]]:
-    """Generates n samples per problem, scores them and writes the reports; returns (summary, metrics)."""
+                     write: bool = True, boxed_fallback: bool = False,
+                     truncation: str = "left") -> tuple[str, dict[str, float]]:
+    """Generates n samples per problem, scores them and writes the reports; returns (summary, metrics).
+
+    Prompts longer than `max_prompt_length` are cut as `truncation` (data.truncation) says."""
     rendered = dp.render_prompts(tokenizer, records, max_prompt_length=max_prompt_length,
-                                 system_prompt=system_prompt, apply_chat_template=apply_chat_template)
+                                 system_prompt=system_prompt, apply_chat_template=apply_chat_template,
+                                 truncation=truncation)
     t0 = time.perf_counter()
     result = driver.generate([RolloutRequest(ids, n=n, max_new_tokens=max_new_tokens)
                               for ids in rendered.token_ids], seed=seed, sampling=sampling,

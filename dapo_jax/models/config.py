@@ -7,6 +7,8 @@ from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
+# Attention implementations (`models.attention`); "auto" picks by platform at trace time.
+ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "blockwise", "splash", "pallas_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,9 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"  # per-layer gradient checkpointing: none | full | dots
     scan_layers: bool = True  # lax.scan over layers keeps compile time flat in depth.
+    # auto (splash on TPU, pallas_gpu on GPU, blockwise on CPU) | dense | blockwise | splash |
+    # pallas_gpu. Not part of the architecture: never written to config.json.
+    attention: str = "auto"
     hf_torch_dtype: str = "float32"  # dtype to write on export (the checkpoint's own dtype).
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -52,6 +57,9 @@ class ModelConfig:
                 problems.append(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
         if self.remat not in REMAT_POLICIES:
             problems.append(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            problems.append(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got "
+                            f"{self.attention!r}")
         if self.architecture not in ("qwen2", "llama"):
             problems.append(f"architecture must be 'qwen2' or 'llama', got {self.architecture!r}")
         if problems:

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dapo_jax.models import config as config_lib
+from dapo_jax.models import gguf_checkpoint, sources
 from dapo_jax.models.config import ModelConfig
 from dapo_jax.models.qwen2 import Params, Qwen2, jnp_dtype, param_logical_axes, param_shapes
 from dapo_jax.models.safetensors_io import CheckpointReader, save_file
@@ -131,43 +132,40 @@ def init_model(cfg: ModelConfig, *, mesh: Mesh | None = None, seed: int = 0,
     return model_from_params(cfg, params)
 
 
-def _local_dir(path: str | os.PathLike) -> str:
-    """A local directory holding `path` (copies gs:// and other remote folders to a temp cache)."""
-    p = epath.Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"Checkpoint directory {path} does not exist")
-    if str(path).startswith(("gs://", "s3://", "http://", "https://")):
-        local = tempfile.mkdtemp(prefix="dapo_jax_ckpt_")
-        for f in p.iterdir():
-            if f.is_file():
-                f.copy(epath.Path(local) / f.name)
-        return local
-    return os.fspath(path)
-
-
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads config.json of a HF checkpoint directory."""
-    cfg_path = epath.Path(path) / "config.json"
+    """The HF config.json dict of a checkpoint: a HF directory, a .gguf file or a Hub id."""
+    source = sources.resolve(path)
+    if source.is_gguf:
+        return gguf_checkpoint.read_config(source.local)
+    cfg_path = epath.Path(source.local) / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} not found: load_pretrained expects a Hugging Face "
-                                "checkpoint directory (config.json + *.safetensors)")
+                                "checkpoint directory (config.json + *.safetensors), a .gguf file "
+                                "or a Hub id")
     return json.loads(cfg_path.read_text())
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", mesh: Mesh | None = None,
                     rules: Mapping[str, Any] | None = None, compute_dtype: str | None = None,
                     **config_overrides: Any) -> tuple[Qwen2, ModelConfig]:
-    """Loads a HF Qwen2/Llama checkpoint directory straight into a sharded model.
+    """Loads a Qwen2/Llama checkpoint straight into a sharded model.
 
-    `dtype` is the parameter storage dtype and `compute_dtype` the matmul dtype (default: float32);
+    `path` is a HF directory (local or gs://), a .gguf file (dequantised to `dtype`) or a Hub id; see
+    `sources.resolve`. `dtype` is the parameter storage dtype and `compute_dtype` the matmul dtype (default: float32);
     `config_overrides` set other ModelConfig fields (remat, scan_layers...). Returns (model, config).
     """
-    local = _local_dir(path)
+    source = sources.resolve(path)
     if compute_dtype is not None:
         config_overrides["dtype"] = compute_dtype
     config_overrides.pop("param_dtype", None)
-    cfg = config_lib.from_hf_config(read_hf_config(local), param_dtype=dtype, **config_overrides)
-    reader = CheckpointReader(local)
+    reader: Any
+    if source.is_gguf:
+        reader = gguf_checkpoint.GGUFTensors(source.local)
+        cfg = config_lib.from_hf_config(reader.config, param_dtype=dtype, **config_overrides)
+    else:  # the config first: an unsupported model_type says so before any tensor is opened
+        cfg = config_lib.from_hf_config(read_hf_config(source.local), param_dtype=dtype,
+                                        **config_overrides)
+        reader = CheckpointReader(source.local)
     mesh = _default_mesh(mesh)
     shardings = param_shardings(cfg, mesh, rules)
     shapes = param_shapes(cfg)
@@ -262,7 +260,9 @@ def save_pretrained(model: Qwen2 | Params, model_config: ModelConfig, path: str 
     hf_cfg["torch_dtype"] = out_dtype
     with open(os.path.join(local, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
-    if tokenizer_dir is not None:
+    if tokenizer_dir is not None and sources.is_gguf_path(tokenizer_dir):
+        gguf_checkpoint.load_tokenizer(sources.resolve(tokenizer_dir).local).save_pretrained(local)
+    elif tokenizer_dir is not None:
         for f in epath.Path(tokenizer_dir).iterdir():
             if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
                 shutil.copy(os.fspath(f), local) if not str(f).startswith("gs://") else \

@@ -9,20 +9,21 @@ matching `matmul` to `decoder_apply`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
+from dapo_jax.models.attention import dense_attention, dot_product_attention, resolve_attention
 from dapo_jax.models.config import ModelConfig
-from dapo_jax.models.sharding import with_logical_constraint
+from dapo_jax.models.sharding import logical_to_spec, with_logical_constraint
 
 Params = dict[str, Any]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_MASK_VALUE = -1e30  # finite, so fully-masked (padding) query rows give a uniform row, not NaN
 
 
 def jnp_dtype(name: str) -> Any:
@@ -145,16 +146,40 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q [B,T,H,hd], k/v [B,S,K,hd], mask [B,T,S] bool -> [B,T,H,hd]."""
-    b, t, h, hd = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, h // kv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (hd ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, hd)
+    """Dense grouped-query attention. q [B,T,H,hd], k/v [B,S,K,hd], mask [B,T,S] bool -> [B,T,H,hd].
+
+    Materialises the scores: used for single-token decode (O(S) anyway) and as the reference.
+    """
+    return dense_attention(q, k, v, mask)
+
+
+def segment_ids_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Segment ids of unpacked rows: 1 for real tokens, 0 for padding."""
+    return (attention_mask != 0).astype(jnp.int32)
+
+
+def _attention_fn(cfg: ModelConfig, mesh: Mesh | None, rules, **mask_args) -> Callable:
+    """`attend(q, k, v)` with the configured implementation; the Pallas kernels run per shard."""
+    impl = resolve_attention(cfg.attention)
+    fn = functools.partial(dot_product_attention, implementation=impl, **mask_args)
+    self_attention = "q_positions" not in mask_args
+    if impl in ("dense", "blockwise") or not self_attention or mesh is None or mesh.size == 1:
+        return lambda q, k, v: fn(q, k, v)
+    # Pallas kernels are opaque to the SPMD partitioner: run them on each device's shard (rows over
+    # the batch axes, heads over the tensor axis when both query and KV heads divide it).
+    seg = mask_args["q_segment_ids"]
+
+    def attend(q, k, v):
+        batch = logical_to_spec(("batch",), (q.shape[0],), mesh, rules)[0]
+        # Query heads are grouped per KV head, so splitting both by the same axis keeps groups whole.
+        heads = logical_to_spec((None, "act_heads"), (1, k.shape[2]), mesh, rules)[1]
+        qkv = PartitionSpec(batch, None, heads, None)
+        ids = PartitionSpec(batch, None)
+        return jax.shard_map(lambda q, k, v, s: dot_product_attention(
+            q, k, v, q_segment_ids=s, kv_segment_ids=s, implementation=impl),
+            mesh=mesh, in_specs=(qkv, qkv, qkv, ids), out_specs=qkv, check_vma=False)(q, k, v, seg)
+
+    return attend
 
 
 def project(x: jax.Array, w: jax.Array, n_in: int, *, preferred_element_type: Any = None
@@ -170,8 +195,9 @@ Matmul = Callable[[jax.Array, jax.Array, int], jax.Array]
 
 
 def _layer(cfg: ModelConfig, mesh: Mesh | None, rules, h: jax.Array, lp: Params,
-           positions: jax.Array, mask: jax.Array, kv_for_attention, matmul: Matmul = project):
-    """One decoder layer. `kv_for_attention(k, v)` returns the keys/values to attend over."""
+           positions: jax.Array, attend, kv_for_attention, matmul: Matmul = project):
+    """One decoder layer. `kv_for_attention(k, v)` returns the keys/values to attend over and
+    `attend(q, k, v)` the attention output."""
     dt = jnp_dtype(cfg.dtype)
     proj = lambda x, name: matmul(x, lp[name].astype(dt), KERNEL_INPUT_DIMS[name])  # noqa: E731
     x = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
@@ -184,7 +210,7 @@ def _layer(cfg: ModelConfig, mesh: Mesh | None, rules, h: jax.Array, lp: Params,
     q = rope(q, positions, cfg.rope_theta)
     k = rope(k, positions, cfg.rope_theta)
     k_all, v_all, aux = kv_for_attention(k, v)
-    o = attention(q, k_all, v_all, mask)
+    o = attend(q, k_all, v_all)
     h = h + proj(o, "o_kernel")
     x = rms_norm(h, lp["post_norm"], cfg.rms_norm_eps)
     act = with_logical_constraint(jax.nn.silu(proj(x, "gate_kernel")) * proj(x, "up_kernel"),
@@ -205,12 +231,16 @@ def _remat(fn, policy: str):
 def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
                   attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                   *, cache: Mapping[str, jax.Array] | None = None, mesh: Mesh | None = None,
-                  rules: Mapping[str, Any] | None = None, matmul: Matmul = project
-                  ) -> tuple[jax.Array, dict | None]:
+                  rules: Mapping[str, Any] | None = None, matmul: Matmul = project,
+                  segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
     """Runs embeddings + all layers + final norm. Returns (hidden [B,T,D], updated cache or None).
 
     Without `cache`: full causal self-attention; `attention_mask` [B,T] marks real tokens (padding on
-    either side) and positions default to `positions_from_mask(attention_mask)`.
+    either side) and positions default to `positions_from_mask(attention_mask)`. `segment_ids` [B,T]
+    (default `segment_ids_from_mask(attention_mask)`) packs several samples in one row: a token attends
+    to earlier tokens of its own nonzero segment only (0 = padding); the caller passes positions that
+    restart per sample. Attention runs with `cfg.attention` (`models.attention`): the blockwise and
+    kernel implementations never hold a [T, T] score matrix.
     With `cache` ({"k","v": [L,B,K,S,hd], "lengths": [B]}): the T new tokens of each row are written at
     cache positions lengths[b] .. lengths[b]+T-1 and attend causally to everything before them; rows must
     be right-padded (padding after the real tokens), and `lengths` advances by the real-token count.
@@ -231,11 +261,14 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     if cache is None:
         if positions is None:
             positions = positions_from_mask(attention_mask)
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        mask = causal[None] & attention_mask[:, None, :].astype(bool)
+        if segment_ids is None:
+            segment_ids = segment_ids_from_mask(attention_mask)
+        segment_ids = segment_ids.astype(jnp.int32)
+        attend = _attention_fn(cfg, mesh, rules, q_segment_ids=segment_ids,
+                               kv_segment_ids=segment_ids)
 
         def body(h, lp):
-            h, _ = _layer(cfg, mesh, rules, h, lp, positions, mask, lambda k, v: (k, v, None),
+            h, _ = _layer(cfg, mesh, rules, h, lp, positions, attend, lambda k, v: (k, v, None),
                           matmul)
             return h, None
 
@@ -255,7 +288,14 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     offsets = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # cache slot of each new token
     if positions is None:
         positions = offsets
-    mask = jnp.arange(s, dtype=jnp.int32)[None, None, :] <= offsets[:, :, None]  # [B, T, S]
+    if t == 1:  # decode: one query row, dense is O(S) already
+        mask = jnp.arange(s, dtype=jnp.int32)[None, None, :] <= offsets[:, :, None]  # [B, 1, S]
+        attend = lambda q, k, v: attention(q, k, v, mask)  # noqa: E731
+    else:  # prefill: causal by cache slot, without a [T, S] mask or scores
+        attend = _attention_fn(
+            cfg, mesh, rules, q_segment_ids=jnp.ones((b, t), jnp.int32),
+            kv_segment_ids=jnp.ones((b, s), jnp.int32), q_positions=offsets,
+            kv_positions=jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)))
     rows = jnp.arange(b, dtype=jnp.int32)[:, None]
 
     def body(carry, xs):
@@ -271,7 +311,7 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
             seq_major = lambda c: jnp.swapaxes(c[i], 1, 2).astype(dt)  # noqa: E731
             return seq_major(nk), seq_major(nv), (nk, nv)
 
-        h, (ck, cv) = _layer(cfg, mesh, rules, h, lp, positions, mask, kv_fn, matmul)
+        h, (ck, cv) = _layer(cfg, mesh, rules, h, lp, positions, attend, kv_fn, matmul)
         return (h, ck, cv), None
 
     idx = jnp.arange(cfg.num_layers, dtype=jnp.int32)

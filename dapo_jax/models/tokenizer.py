@@ -1,4 +1,5 @@
-"""Tokenizer loading from a checkpoint directory (local or gs://) via transformers.AutoTokenizer."""
+"""Tokenizer loading via transformers.AutoTokenizer: from a checkpoint or tokenizer directory (local or
+gs://), a .gguf file (its vocabulary and chat template) or a Hub id (see `sources.resolve`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,19 @@ from etils import epath
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """Loads the tokenizer saved beside a checkpoint (tokenizer.json + tokenizer_config.json)."""
+    """Loads the tokenizer saved beside a checkpoint (tokenizer.json + tokenizer_config.json), the
+    one inside a .gguf file, or a Hub repository's."""
     from transformers import AutoTokenizer
 
+    from dapo_jax.models import gguf_checkpoint, sources
+
     p = epath.Path(path)
+    if not ((p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()):
+        # A .gguf file (or a folder holding one), or a Hub id; raises naming `path` otherwise.
+        source = sources.resolve(path)
+        if source.is_gguf:
+            return gguf_checkpoint.load_tokenizer(source.local)
+        path = p = epath.Path(source.local)
     if not (p / "tokenizer.json").exists() and not (p / "tokenizer_config.json").exists():
         raise FileNotFoundError(
             f"No tokenizer.json / tokenizer_config.json in {path}. Point the tokenizer path at a Hugging "

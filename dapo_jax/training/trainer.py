@@ -30,12 +30,13 @@ from jax.sharding import NamedSharding
 import data_pipeline as dp
 from data_pipeline import datasets
 from dapo_jax import algo, experiment, models
+from dapo_jax.config_validation import as_list
 from dapo_jax.eval.runner import evaluate_records
 from dapo_jax.rewards.batch import score_batch
 from dapo_jax.rewards.custom import RewardFn, load_reward_fn
 from dapo_jax.runtime.host_transfer import tree_to_host
 from dapo_jax.sampler import RolloutBackend, RolloutDriver, RolloutRequest
-from dapo_jax.training import batching, reporting
+from dapo_jax.training import batching, reporting, run_record
 from dapo_jax.training.checkpointing import CheckpointStore
 from dapo_jax.runtime.devices import peak_flops_per_device
 from dapo_jax.training.metrics_writer import MetricsWriter
@@ -106,6 +107,8 @@ class Trainer:
                                                    cache_dir=data_cache)
         self.exp = exp = experiment.build(c, workdir=self.workdir, train_records=self.train_records)
         self.mesh, self.model_cfg, self.tokenizer = exp.mesh, exp.model_config, exp.tokenizer
+        if self.is_main:  # <workdir>/run/: config, its diff, commit, versions, sources, tokenizer
+            run_record.write_run_record(c, self.workdir, tokenizer_dir=exp.tokenizer_dir)
         self.P, self.R, self.G = exp.prompt_length, exp.response_length, int(c.rollout.n)
         self.shaping = algo.ShapingSettings(
             group_size=self.G, max_response_length=self.R,
@@ -143,15 +146,17 @@ class Trainer:
             shard_count=1)
         self.val_sets = {datasets.dataset_name(v): datasets.load_records(v, c, split="val",
                                                                          cache_dir=data_cache)
-                         for v in (c.data.val or [])}
+                         for v in as_list(c.data.val)}
         self.step = 0
         self.gen_batches_drawn = 0
         self.stop = StopFlag()  # SIGTERM (or `stop.request()`): checkpoint after this step, exit
         self.checkpoints = CheckpointStore(self.workdir, keep=c.trainer.keep_checkpoints,
                                            async_save=c.trainer.async_checkpointing)
-        self.writer = MetricsWriter(self.workdir, enabled=self.is_main)
+        self.writer = MetricsWriter(self.workdir, enabled=self.is_main,
+                                    wandb=run_record.wandb_settings(c))
         self.peak_flops = c.trainer.peak_flops_per_device or peak_flops_per_device()
         self._restore_if_any()
+        self.writer.resume_from(self.step)  # each step logged once, however the last run ended
 
     # ------------------------------------------------------------------------------ checkpoints
     def _save(self, force: bool = False) -> None:
@@ -186,7 +191,8 @@ class Trainer:
         c = self.config
         return dp.render_prompts(self.tokenizer, records, max_prompt_length=self.P,
                                  system_prompt=c.data.system_prompt,
-                                 apply_chat_template=c.data.apply_chat_template)
+                                 apply_chat_template=c.data.apply_chat_template,
+                                 truncation=c.data.get("truncation", "left"))
 
     def _generation_batch(self, records: Sequence[dict], timer: _Timer | None = None
                           ) -> GenerationBatch:
@@ -333,7 +339,8 @@ class Trainer:
                 apply_chat_template=c.data.apply_chat_template,
                 out_dir=self.workdir / "eval" / f"step_{self.step:06d}" / name,
                 scorer=datasets.DEFAULT_SCORER.get(name, c.reward.scorer), seed=c.seed + 7,
-                write=self.is_main, boxed_fallback=bool(c.reward.get("boxed_fallback", False)))
+                write=self.is_main, boxed_fallback=bool(c.reward.get("boxed_fallback", False)),
+                truncation=c.data.get("truncation", "left"))
             metrics.update(m)
         return metrics
 

@@ -39,14 +39,29 @@ class LossSettings:
     temperature: float = 1.0
 
 
-def lr_schedule(lr: float, warmup_steps: int) -> optax.Schedule:
-    """The paper's schedule: linear warmup over `warmup_steps` training steps, then constant.
+def lr_schedule(lr: float, warmup_steps: int, *, decay: str = "constant", total_steps: int = 0,
+                min_lr_ratio: float = 0.0) -> optax.Schedule:
+    """Linear warmup over `warmup_steps` training steps, then `decay` (optim.lr_schedule).
 
     Step s (from 0) trains at lr * min(1, (s + 1) / warmup_steps): the first step already learns.
+    "constant" (the paper) stays at lr; "cosine" and "linear" decay from lr at the last warmup step
+    (s = warmup_steps - 1) to lr * min_lr_ratio at the last step (s = total_steps - 1).
     """
-    if warmup_steps <= 1:
-        return optax.constant_schedule(lr)
-    return optax.linear_schedule(lr / warmup_steps, lr, transition_steps=warmup_steps - 1)
+    if decay not in ("constant", "cosine", "linear"):
+        raise ValueError(f"lr schedule must be constant, cosine or linear, got {decay!r}")
+    peak = max(warmup_steps - 1, 0)
+    warmup = (optax.constant_schedule(lr) if warmup_steps <= 1 else
+              optax.linear_schedule(lr / warmup_steps, lr, transition_steps=warmup_steps - 1))
+    if decay == "constant":
+        return warmup
+    decay_steps = max(total_steps - 1 - peak, 1)
+    if decay == "cosine":
+        after = optax.cosine_decay_schedule(lr, decay_steps, alpha=min_lr_ratio)
+    else:
+        after = optax.linear_schedule(lr, lr * min_lr_ratio, transition_steps=decay_steps)
+    if peak == 0:
+        return after
+    return optax.join_schedules([warmup, after], boundaries=[peak])
 
 
 def make_optimizer(*, weight_decay: float, grad_clip: float, b1: float = 0.9, b2: float = 0.999,

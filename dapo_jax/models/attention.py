@@ -1,0 +1,322 @@
+"""Causal, segment-masked grouped-query attention without a [T, S] score matrix.
+
+One entry point, `dot_product_attention`, with interchangeable implementations:
+
+- "dense": materialises float32 scores [B, K, G, T, S]; the reference, O(T x S) memory.
+- "blockwise": online softmax over key blocks (flash attention in plain JAX, `lax.scan`) with a
+  flash-style custom VJP, so neither the forward nor the backward pass holds more than one
+  [B, H, T, block] block of scores: O(T x block) memory. Portable; the CPU default.
+- "splash": the TPU Pallas splash-attention kernel that ships with jax
+  (`jax.experimental.pallas.ops.tpu.splash_attention`); the TPU default.
+- "pallas_gpu": the Pallas (Triton) flash-attention kernel that ships with jax
+  (`jax.experimental.pallas.ops.gpu.attention.mha`); the GPU default. It takes segment ids, which
+  `jax.nn.dot_product_attention(implementation="cudnn")` cannot express (its `query_seq_lengths`
+  assume right padding, and a boolean `mask` is itself O(T x S)), so cuDNN is not offered.
+
+Masking semantics, shared by all: query t attends to key s iff `kv_pos[s] <= q_pos[t]` (causal) and
+`q_segment_ids[t] == kv_segment_ids[s] != 0`. Segment 0 is padding; padding query rows output zeros
+(finite, never NaN, and zero gradient). Positions here are *causal indices* (where a token sits in the
+row or the KV cache), not the rotary positions, which restart per sample in packed rows.
+
+The kernels ("splash", "pallas_gpu") assume self-attention over one row (key index = query index);
+calls with explicit positions (the KV-cache prefill) use "blockwise" instead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("dense", "blockwise", "splash", "pallas_gpu")
+CHOICES = ("auto",) + IMPLEMENTATIONS
+_AUTO = {"tpu": "splash", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}
+_MASK_VALUE = -1e30  # finite: a fully masked row never produces inf - inf = NaN
+DEFAULT_BLOCK = 512
+
+
+def resolve_attention(name: str, platform: str | None = None) -> str:
+    """The implementation `name` selects on `platform` (default: jax's default backend).
+
+    "auto" is "splash" on TPU, "pallas_gpu" on GPU and "blockwise" elsewhere (CPU).
+    """
+    if name not in CHOICES:
+        raise ValueError(f"model.attention must be one of {CHOICES}, got {name!r}")
+    if name != "auto":
+        return name
+    platform = (platform or jax.default_backend()).lower()
+    return _AUTO.get(platform, "blockwise")
+
+
+def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_positions: jax.Array,
+                   kv_positions: jax.Array) -> jax.Array:
+    """Boolean [B, T, S]: causal by index and same nonzero segment."""
+    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    real = (q_segment_ids != 0)[:, :, None]
+    causal = kv_positions[:, None, :] <= q_positions[:, :, None]
+    return same & real & causal
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
+                          q_positions: jax.Array | None = None,
+                          kv_positions: jax.Array | None = None,
+                          implementation: str = "blockwise", block_size: int = DEFAULT_BLOCK,
+                          interpret: bool | None = None) -> jax.Array:
+    """Grouped-query attention. q [B,T,H,hd], k/v [B,S,K,hd] (H a multiple of K) -> [B,T,H,hd].
+
+    `q_segment_ids` [B,T] / `kv_segment_ids` [B,S] (int, 0 = padding); `q_positions` [B,T] and
+    `kv_positions` [B,S] are causal indices (default: 0..T-1 and 0..S-1, i.e. self-attention).
+    `implementation` is one of `IMPLEMENTATIONS` (resolve "auto" with `resolve_attention` first);
+    `interpret` runs the Pallas kernels in interpret mode; by default they do when jax's backend is
+    not the kernel's platform (a forced "splash" on CPU runs, slowly, for tests).
+    """
+    b, t, h, hd = q.shape
+    s, kvh = k.shape[1], k.shape[2]
+    if h % kvh:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({kvh})")
+    self_attention = q_positions is None and kv_positions is None
+    if self_attention and t != s:
+        raise ValueError(f"self-attention needs as many queries as keys ({t} vs {s}); pass "
+                         "q_positions/kv_positions for attention into a KV cache")
+    if q_positions is None:
+        q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if kv_positions is None:
+        kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    q_segment_ids = q_segment_ids.astype(jnp.int32)
+    kv_segment_ids = kv_segment_ids.astype(jnp.int32)
+    q_positions = q_positions.astype(jnp.int32)
+    kv_positions = kv_positions.astype(jnp.int32)
+    if implementation in ("splash", "pallas_gpu") and not self_attention:
+        implementation = "blockwise"
+    if implementation == "dense":
+        mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+        return dense_attention(q, k, v, mask)
+    if implementation == "blockwise":
+        return _blockwise(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+                          min(block_size, s))
+    if implementation == "splash":
+        interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+        return _splash(q, k, v, q_segment_ids, interpret=interpret)
+    if implementation == "pallas_gpu":
+        interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+        return _pallas_gpu(q, k, v, q_segment_ids, interpret=interpret)
+    raise ValueError(f"unknown attention implementation {implementation!r}; choose one of "
+                     f"{IMPLEMENTATIONS}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense reference.
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Materialised-scores GQA. q [B,T,H,hd], k/v [B,S,K,hd], mask [B,T,S] bool -> [B,T,H,hd].
+
+    Query rows with no visible key output zeros.
+    """
+    b, t, h, hd = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(b, t, kvh, h // kvh, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (hd ** -0.5)
+    m = mask[:, None, None, :, :]
+    scores = jnp.where(m, scores, _MASK_VALUE)
+    probs = jnp.where(m, jax.nn.softmax(scores, axis=-1), 0.0).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, hd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blockwise online softmax (flash attention in plain JAX).
+
+
+def _pad_keys(k, v, kv_seg, kv_pos, block):
+    s = k.shape[1]
+    n = -(-s // block)
+    pad = n * block - s
+    if pad:
+        k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        kv_seg = jnp.pad(kv_seg, ((0, 0), (0, pad)))  # segment 0: never attended to
+        kv_pos = jnp.pad(kv_pos, ((0, 0), (0, pad)))
+
+    def blocks(x):  # [B, n*block, ...] -> [n, B, block, ...]
+        return jnp.moveaxis(x.reshape(x.shape[0], n, block, *x.shape[2:]), 1, 0)
+
+    return blocks(k), blocks(v), blocks(kv_seg), blocks(kv_pos), pad
+
+
+def _block_scores(qg, kb, q_seg, q_pos, seg_b, pos_b, scale):
+    """Scaled scores [B,K,G,T,blk] of one key block and its mask (broadcastable to them)."""
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, kb, preferred_element_type=jnp.float32) * scale
+    mask = ((q_seg[:, :, None] == seg_b[:, None, :]) & (q_seg != 0)[:, :, None]
+            & (pos_b[:, None, :] <= q_pos[:, :, None]))[:, None, None]
+    return jnp.where(mask, s, _MASK_VALUE), mask
+
+
+def _blockwise_fwd_impl(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block):
+    b, t, h, hd = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    scale = hd ** -0.5
+    qg = q.reshape(b, t, kvh, g, hd)
+    kb, vb, segb, posb, _ = _pad_keys(k, v, kv_seg, kv_pos, block)
+
+    def step(carry, xs):
+        m, l, acc = carry  # [B,K,G,T], [B,K,G,T], [B,K,G,T,hd] float32
+        kj, vj, segj, posj = xs
+        s, mask = _block_scores(qg, kj, q_seg, q_pos, segj, posj, scale)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        l = l * corr + p.sum(axis=-1)
+        pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), vj,
+                        preferred_element_type=jnp.float32)
+        return (m_new, l, acc * corr[..., None] + pv), None
+
+    init = (jnp.full((b, kvh, g, t), _MASK_VALUE, jnp.float32), jnp.zeros((b, kvh, g, t), jnp.float32),
+            jnp.zeros((b, kvh, g, t, hd), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(step, init, (kb, vb, segb, posb))
+    empty = l == 0.0  # padding queries: no visible key
+    safe_l = jnp.where(empty, 1.0, l)
+    out = jnp.where(empty[..., None], 0.0, acc / safe_l[..., None])
+    lse = jnp.where(empty, jnp.inf, m + jnp.log(safe_l))  # exp(s - inf) = 0 in the backward pass
+    out = jnp.moveaxis(out, 3, 1).reshape(b, t, h, hd).astype(q.dtype)
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _blockwise(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block):
+    return _blockwise_fwd_impl(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block)[0]
+
+
+def _blockwise_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block):
+    out, lse = _blockwise_fwd_impl(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block)
+    return out, (q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse)
+
+
+def _blockwise_bwd(block, res, d_out):
+    """Flash-attention backward: recompute each key block's probabilities from the saved
+    log-sum-exp; dq accumulates over blocks, dk/dv are produced block by block."""
+    q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse = res
+    b, t, h, hd = q.shape
+    s_len, kvh = k.shape[1], k.shape[2]
+    g = h // kvh
+    scale = hd ** -0.5
+    qg = q.reshape(b, t, kvh, g, hd)
+    dog = d_out.reshape(b, t, kvh, g, hd)
+    # D_t = sum_d dO * O  (the softmax Jacobian's row term), float32 [B,K,G,T].
+    delta = jnp.einsum("btkgd,btkgd->bkgt", dog.astype(jnp.float32),
+                       out.reshape(b, t, kvh, g, hd).astype(jnp.float32))
+    kb, vb, segb, posb, pad = _pad_keys(k, v, kv_seg, kv_pos, block)
+
+    def step(dq, xs):
+        kj, vj, segj, posj = xs
+        s, mask = _block_scores(qg, kj, q_seg, q_pos, segj, posj, scale)
+        p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)  # [B,K,G,T,blk]
+        dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(d_out.dtype), dog,
+                        preferred_element_type=jnp.float32)
+        dp = jnp.einsum("btkgd,bskd->bkgts", dog, vj, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta[..., None]) * scale
+        dq = dq + jnp.einsum("bkgts,bskd->btkgd", ds.astype(k.dtype), kj,
+                             preferred_element_type=jnp.float32)
+        dk = jnp.einsum("bkgts,btkgd->bskd", ds.astype(q.dtype), qg,
+                        preferred_element_type=jnp.float32)
+        return dq, (dk, dv)
+
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros((b, t, kvh, g, hd), jnp.float32),
+                                (kb, vb, segb, posb))
+
+    def unblock(x):  # [n, B, block, K, hd] -> [B, S, K, hd]
+        x = jnp.moveaxis(x, 0, 1).reshape(b, -1, kvh, hd)
+        return x[:, :s_len]
+
+    return (dq.reshape(b, t, h, hd).astype(q.dtype), unblock(dk).astype(k.dtype),
+            unblock(dv).astype(v.dtype), None, None, None, None)
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pallas kernels (self-attention over one row: key index = query index).
+
+
+def _pad_seq(x: jax.Array, multiple: int, axis: int = 1) -> jax.Array:
+    pad = -x.shape[axis] % multiple
+    if not pad:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
+
+
+def _zero_padding_rows(out: jax.Array, seg: jax.Array) -> jax.Array:
+    return jnp.where((seg != 0)[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(seq: int, groups: int, block: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    mask = sa.MultiHeadMask([sa.CausalMask((seq, seq)) for _ in range(groups)])
+    sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                          block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                          use_fused_bwd_kernel=True)
+    return sa.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def _splash(q, k, v, seg, *, interpret: bool):
+    """TPU splash attention: one MQA kernel per (row, KV head) over its G query heads."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    b, t, h, hd = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    t_pad = t + (-t % 128)  # the kernel tiles by multiples of 128
+    block = next(bs for bs in (512, 256, 128) if t_pad % bs == 0)
+    kernel = _splash_kernel(t_pad, g, block, interpret)
+    qs = _pad_seq(q * jnp.asarray(hd ** -0.5, q.dtype), 128)  # the kernel does not scale
+    ks, vs, segp = _pad_seq(k, 128), _pad_seq(v, 128), _pad_seq(seg, 128)
+    # [B, K, G, T, hd] and [B, K, S, hd]; padding (segment 0) only sees padding: no empty rows.
+    qs = jnp.transpose(qs.reshape(b, t_pad, kvh, g, hd), (0, 2, 3, 1, 4))
+    ks, vs = jnp.transpose(ks, (0, 2, 1, 3)), jnp.transpose(vs, (0, 2, 1, 3))
+
+    def one_row(qr, kr, vr, sr):
+        ids = sa.SegmentIds(q=sr, kv=sr)
+        return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=ids))(qr, kr, vr)
+
+    out = jax.vmap(one_row)(qs, ks, vs, segp)  # [B, K, G, T, hd]
+    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t_pad, h, hd)[:, :t]
+    return _zero_padding_rows(out, seg)
+
+
+def _pallas_gpu(q, k, v, seg, *, interpret: bool):
+    """Pallas/Triton flash attention (causal + segment ids); KV heads repeated to the query heads."""
+    from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+
+    b, t, h, hd = q.shape
+    g = h // k.shape[2]
+    block = 64 if t <= 64 else 128
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    qp, kp, vp, segp = (_pad_seq(x, block) for x in (q, k, v, seg))
+    sizes = gpu_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=32,
+                                     block_kv_dkv=32, block_q_dq=32, block_kv_dq=32)
+    out = gpu_attention.mha(qp, kp, vp, segp, sm_scale=hd ** -0.5, causal=True,
+                            block_sizes=sizes, interpret=interpret)[:, :t]
+    return _zero_padding_rows(out, seg)
+
+
+def score_block_bytes(implementation: str, rows: int, heads: int, seq: int,
+                      block: int = DEFAULT_BLOCK) -> int:
+    """Float32 bytes of the attention scores one layer holds at once on one device."""
+    if implementation == "dense":
+        return rows * heads * seq * seq * 4
+    if implementation == "blockwise":
+        return rows * heads * seq * min(block, seq) * 4
+    return 0  # the kernels keep their score tiles in on-chip memory
+
+
+__all__ = ["CHOICES", "IMPLEMENTATIONS", "resolve_attention", "dot_product_attention",
+           "dense_attention", "attention_mask", "score_block_bytes"]
