@@ -12,6 +12,7 @@ from configs import toy
 from dapo_jax import experiment, models, plan
 from dapo_jax.config_validation import ConfigError
 from dapo_jax.training.trainer import Trainer
+from tests.test_trainer import apply_overrides
 
 
 def _toy(**overrides):
@@ -19,13 +20,7 @@ def _toy(**overrides):
     c.warm_start.steps = 0  # the programs do not depend on the weights' values
     c.data.toy.num_train = 64
     c.data.toy.num_heldout = 8
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return apply_overrides(c, overrides)
 
 
 def test_planner_lowers_exactly_the_trainers_update_step(tmp_path):

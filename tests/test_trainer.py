@@ -36,6 +36,11 @@ def small_config(**overrides):
     c.algo.dynamic_sampling.on_cap = "proceed"
     # The barely trained policy rarely stops inside 12 tokens: don't filter every sample away.
     c.algo.overlong_filter = False
+    return apply_overrides(c, overrides)
+
+
+def apply_overrides(c, overrides):
+    """Sets dotted config keys ({"trainer.total_steps": 3}) on `c`; returns it."""
     for k, v in overrides.items():
         node = c
         *path, last = k.split(".")
