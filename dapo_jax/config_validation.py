@@ -6,10 +6,11 @@ import ml_collections
 
 from dapo_jax.algo import LOSS_AGG_MODES
 from dapo_jax.models.config import ATTENTION_IMPLEMENTATIONS, DTYPES, PRESETS, REMAT_POLICIES
+from dapo_jax.runtime.cli_errors import UserError
 from dapo_jax.sampler.decode_layout import DECODE_LAYOUT_CHOICES
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value is invalid; the message names the key and how to fix it."""
 
 

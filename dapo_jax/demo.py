@@ -16,6 +16,8 @@ import os
 import sys
 import time
 
+from dapo_jax.runtime.cli_errors import VERBOSE_HELP, parse_flags, run_cli
+
 # The demo is tuned for CPU; respect an explicit choice (e.g. JAX_PLATFORMS=cuda) if given.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -73,6 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default="workdir/demo")
     parser.add_argument("--config", default="configs/toy.py", help="config file (default toy)")
     parser.add_argument("--steps", type=int, default=None, help="override trainer.total_steps")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     parser.epilog = "--config.a.b=value overrides a config field, as in python -m dapo_jax.train."
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if not a.startswith("--config.")]
@@ -81,14 +84,19 @@ def main(argv=None) -> int:
                      "--config.a.b=value)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    import jax
+
+    from dapo_jax.config_validation import validate_config
     from dapo_jax.training.metrics_writer import read_metrics
     from dapo_jax.training.run_record import tee_console
-    from dapo_jax.training.trainer import Trainer
+    from dapo_jax.training.trainer import Trainer, prepare_workdir
 
     config = _load_config(args.config, rest)
-    tee_console(args.workdir)
     if args.steps:
         config.trainer.total_steps = args.steps
+    validate_config(config, jax.device_count())  # fail fast, before any file is written
+    prepare_workdir(args.workdir)
+    tee_console(args.workdir)
     t0 = time.time()
     print(f"DAPO demo: {args.config} -> {args.workdir} (JAX on {os.environ['JAX_PLATFORMS']})",
           flush=True)
@@ -124,9 +132,9 @@ def _load_config(path: str, overrides: list[str] | tuple[str, ...] = ()):
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", path, "Experiment config file.",
                                     flag_values=flag_values, lock_config=True, sys_argv=argv)
-    flag_values(argv)
+    parse_flags(argv, flag_values)
     return flag_values.config
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))  # user errors: `error: ...` and exit status 2, no traceback

@@ -21,6 +21,8 @@ import os
 import sys
 from typing import Any, Sequence
 
+from dapo_jax.runtime.cli_errors import (VERBOSE_HELP, MissingFileError, UserError, parse_flags,
+                                         run_cli)
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,8 @@ def _load_checkpoint(path: str, step: int | None, config, mesh):
         try:
             source = sources.resolve(path)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"--checkpoint {path}: not a training workdir ({CHECKPOINT_DIR}/"
-                                    f") either. {e}") from e
+            raise MissingFileError(f"--checkpoint {path}: not a training workdir ({CHECKPOINT_DIR}/"
+                                   f") either. {e}") from e
         model, cfg = models.load_pretrained(source.local, dtype=m.param_dtype, mesh=mesh,
                                             compute_dtype=m.dtype, remat="none",
                                             scan_layers=m.scan_layers)
@@ -55,10 +57,12 @@ def _load_checkpoint(path: str, step: int | None, config, mesh):
     store = CheckpointStore(p)
     steps = store.all_steps()
     if not steps:
-        raise FileNotFoundError(f"{store.directory} holds no complete checkpoint")
+        raise MissingFileError(f"--checkpoint {path}: {store.directory} holds no complete "
+                               "checkpoint (the run stopped before its first save); train longer or "
+                               "pass another --checkpoint")
     step = max(steps) if step is None else step
     if step not in steps:
-        raise ValueError(f"--step {step} not in {store.directory}; available steps: {steps}")
+        raise UserError(f"--step {step} not in {store.directory}; available steps: {steps}")
     fields = dict(store.read_meta(step)["model_config"])
     fields.update(dtype=m.dtype, remat="none", scan_layers=m.scan_layers)
     cfg = ModelConfig(**fields)
@@ -74,7 +78,7 @@ def _load_checkpoint(path: str, step: int | None, config, mesh):
            or (os.fspath(p / "toy_tokenizer") if (p / "toy_tokenizer").exists()
                else config.model.path))
     if not tok:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"--checkpoint {path}: the workdir records no tokenizer (run/tokenizer/ is missing: the "
             "run predates run records); pass --config.tokenizer.path=DIR (a folder with "
             "tokenizer.json)")
@@ -109,9 +113,9 @@ def _score_responses(config, responses: str, out: str, cache_dir, *, allow_parti
     if total_missing and not allow_partial:
         detail = "; ".join(f"{name}: {len(ids)} of {len(problems_of[name])}, e.g. {ids[:3]}"
                            for name, ids in missing.items() if ids)
-        raise ValueError(f"{responses}: {total_missing} problems have no response ({detail}). "
-                         "Add their responses, drop the dataset from --config.data.val, or pass "
-                         "--allow_partial to score only the problems that have responses")
+        raise UserError(f"{responses}: {total_missing} problems have no response ({detail}). "
+                        "Add their responses, drop the dataset from --config.data.val, or pass "
+                        "--allow_partial to score only the problems that have responses")
     boxed_fallback = bool(config.reward.get("boxed_fallback", False))
     results: dict[str, Any] = {}
     for name, problems in problems_of.items():
@@ -144,7 +148,7 @@ def run(config, *, checkpoint: str | None, step: int | None, responses: str | No
     if responses:
         return _score_responses(config, responses, out, cache_dir, allow_partial=allow_partial)
     if not checkpoint:
-        raise ValueError("give --checkpoint (HF dir or training workdir) or --responses FILE")
+        raise UserError("give --checkpoint (HF dir or training workdir) or --responses FILE")
     mesh = experiment.mesh_from_config(config)
     params, cfg, tok_dir = _load_checkpoint(checkpoint, step, config, mesh)
     # The checkpoint decides the architecture; the config decides everything else, as in training.
@@ -186,12 +190,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     flags.DEFINE_string("out", "eval_out", "Output folder for the reports.", flag_values=flags_)
     flags.DEFINE_bool("allow_partial", False, "With --responses: score the problems that have "
                       "responses instead of stopping when some have none.", flag_values=flags_)
+    flags.DEFINE_bool("verbose", False, VERBOSE_HELP, flag_values=flags_)
     if any(a in ("-h", "--help", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
         # absl handles --help only for its global flags (app.run); these flags are private.
         print(__doc__)
         print(flags_.get_help())
         sys.exit(0)
-    flags_(argv)
+    parse_flags(argv, flags_)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     results = run(flags_.config, checkpoint=flags_.checkpoint, step=flags_.step,
                   responses=flags_.responses, out=flags_.out, allow_partial=flags_.allow_partial)
@@ -200,4 +205,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # user errors: `error: ...` and exit status 2, no traceback

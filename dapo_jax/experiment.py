@@ -22,7 +22,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from dapo_jax.config_validation import as_list, validate_config
+from dapo_jax.config_validation import ConfigError, as_list, validate_config
 from dapo_jax.models.config import ModelConfig, from_hf_config, preset
 from dapo_jax.models.sharding import make_mesh
 from dapo_jax.sampler.engine import Engine
@@ -70,11 +70,11 @@ def resolve_model_config(config: ml_collections.ConfigDict, *, tokenizer_size: i
         from dapo_jax.models.hf_checkpoint import read_hf_config
         cfg = from_hf_config(read_hf_config(m.path), **overrides)
     else:
-        raise ValueError("config.model.preset and config.model.path are both empty: set "
-                         "model.path to a HF checkpoint or model.preset to a size preset")
+        raise ConfigError("config.model.preset and config.model.path are both empty: set "
+                          "model.path to a HF checkpoint or model.preset to a size preset")
     if tokenizer_size is not None and tokenizer_size > cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer_size} tokens but the model vocabulary is "
-                         f"{cfg.vocab_size}; set config.model.vocab_size (or another preset)")
+        raise ConfigError(f"the tokenizer has {tokenizer_size} tokens but the model vocabulary is "
+                          f"{cfg.vocab_size}; set config.model.vocab_size (or another preset)")
     return cfg
 
 
@@ -84,9 +84,9 @@ def check_architecture(expected: ModelConfig, loaded: ModelConfig, source: str) 
             if getattr(expected, f) != getattr(loaded, f)}
     if diff:
         detail = ", ".join(f"{k}: preset {a} vs checkpoint {b}" for k, (a, b) in diff.items())
-        raise ValueError(f"the checkpoint at {source} is not the configured model.preset ({detail}); "
-                         "set config.model.preset to the checkpoint's size or to '' (then the "
-                         "checkpoint's config.json decides)")
+        raise ConfigError(f"the checkpoint at {source} is not the configured model.preset ({detail}); "
+                          "set config.model.preset to the checkpoint's size or to '' (then the "
+                          "checkpoint's config.json decides)")
 
 
 def tokenizer_source(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
@@ -97,8 +97,8 @@ def tokenizer_source(config: ml_collections.ConfigDict, workdir: str | os.PathLi
     if path:
         return os.fspath(path)
     if config.data.train != "toy":
-        raise ValueError("config.tokenizer.path and config.model.path are both empty: set one to a "
-                         "folder with tokenizer.json (e.g. ../shared/data/tokenizers/qwen2.5)")
+        raise ConfigError("config.tokenizer.path and config.model.path are both empty: set one to a "
+                          "folder with tokenizer.json (e.g. ../shared/data/tokenizers/qwen2.5)")
     import data_pipeline as dp
     from etils import epath
     from jax.experimental import multihost_utils
@@ -124,8 +124,8 @@ def stop_and_pad_ids(tokenizer: Any, stop_tokens: Sequence[str]) -> tuple[tuple[
         if tok in vocab and int(vocab[tok]) not in ids:
             ids.append(int(vocab[tok]))
     if not ids:
-        raise ValueError("no stop tokens: the tokenizer has no EOS and none of "
-                         f"config.tokenizer.stop_tokens={list(stop_tokens)} is in its vocabulary")
+        raise ConfigError("no stop tokens: the tokenizer has no EOS and none of "
+                          f"config.tokenizer.stop_tokens={list(stop_tokens)} is in its vocabulary")
     pad = tokenizer.pad_token_id
     return tuple(ids), int(pad if pad is not None else ids[0])
 

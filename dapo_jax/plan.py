@@ -38,6 +38,7 @@ from dapo_jax.models.config import ModelConfig
 from dapo_jax.models.qwen2 import jnp_dtype, param_shapes
 from dapo_jax.models.sharding import MESH_AXES, make_mesh
 from dapo_jax.sampler.engine import Engine
+from dapo_jax.runtime.cli_errors import VERBOSE_HELP, UserError, absl_flags_parser, run_cli
 from dapo_jax.runtime.topology import GIB, Topology, custom_topology, parse_topology
 from dapo_jax.training.update import batch_spec, build_update_fn
 
@@ -193,20 +194,20 @@ def _validate(config, mesh: Mesh) -> tuple[int, int]:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     micro, mini = int(t.micro_batch_size), int(t.mini_batch_size)
     if micro <= 0 or mini <= 0:
-        raise ValueError(f"trainer.mini_batch_size ({mini}) and trainer.micro_batch_size ({micro}) "
-                         "must be positive")
+        raise UserError(f"trainer.mini_batch_size ({mini}) and trainer.micro_batch_size ({micro}) "
+                        "must be positive")
     if mini % micro:
-        raise ValueError(f"trainer.mini_batch_size ({mini}) must be a multiple of "
-                         f"trainer.micro_batch_size ({micro})")
+        raise UserError(f"trainer.mini_batch_size ({mini}) must be a multiple of "
+                        f"trainer.micro_batch_size ({micro})")
     if micro % shards:
-        raise ValueError(f"trainer.micro_batch_size ({micro}) must be a multiple of mesh data x fsdp "
-                         f"({shards}): each device takes an equal share of a micro-batch")
+        raise UserError(f"trainer.micro_batch_size ({micro}) must be a multiple of mesh data x fsdp "
+                        f"({shards}): each device takes an equal share of a micro-batch")
     for name in ("max_prompt_length", "max_response_length"):
         if int(config.data[name]) <= 0:
-            raise ValueError(f"data.{name} must be positive, got {config.data[name]}")
+            raise UserError(f"data.{name} must be positive, got {config.data[name]}")
     if int(config.rollout.max_concurrent_decodes) <= 0:
-        raise ValueError("rollout.max_concurrent_decodes must be positive, got "
-                         f"{config.rollout.max_concurrent_decodes}")
+        raise UserError("rollout.max_concurrent_decodes must be positive, got "
+                        f"{config.rollout.max_concurrent_decodes}")
     return micro, mini // micro
 
 
@@ -590,11 +591,11 @@ def assess(measurement: Measurement, topology: Topology) -> PlanResult:
 def _topology(topology: Topology | str | None, devices: int | None, hbm_gib: float | None
               ) -> Topology:
     if topology is not None and (devices is not None or hbm_gib is not None):
-        raise ValueError("give either a topology name or devices + hbm_gib, not both")
+        raise UserError("give either a topology name or devices + hbm_gib, not both")
     if topology is not None:
         return parse_topology(topology) if isinstance(topology, str) else topology
     if devices is None or hbm_gib is None:
-        raise ValueError("give a topology (e.g. --topology v5p-128) or both --devices and --hbm_gib")
+        raise UserError("give a topology (e.g. --topology v5p-128) or both --devices and --hbm_gib")
     return custom_topology(devices, hbm_gib)
 
 
@@ -723,9 +724,9 @@ def main(argv: Sequence[str]) -> None:
     from absl import flags
     f = flags.FLAGS
     if len(argv) > 1:
-        raise ValueError(f"unexpected arguments {argv[1:]}; flags look like --topology=v5p-128")
+        raise UserError(f"unexpected arguments {argv[1:]}; flags look like --topology=v5p-128")
     if f.config is None:
-        raise ValueError("--config is required, e.g. --config configs/dapo_qwen2_5_32b.py")
+        raise UserError("--config is required, e.g. --config configs/dapo_qwen2_5_32b.py")
     _ensure_fake_devices(_topology(f.topology or None, f.devices, f.hbm_gib).chips)
     result = plan(f.config, f.topology or None, devices=f.devices, hbm_gib=f.hbm_gib)
     print(format_report(result))
@@ -739,9 +740,11 @@ def _define_flags() -> None:
     flags.DEFINE_string("topology", None, "accelerator, e.g. v5p-128, v5litepod-16, h100-80gb-x8")
     flags.DEFINE_integer("devices", None, "device count (with --hbm_gib) instead of --topology")
     flags.DEFINE_float("hbm_gib", None, "HBM per device in GiB (with --devices)")
+    flags.DEFINE_bool("verbose", False, VERBOSE_HELP)
 
 
 if __name__ == "__main__":
     from absl import app
     _define_flags()
-    app.run(main)
+    # Bad flags, configs and topologies: `error: ...` and exit status 2, no traceback.
+    app.run(lambda argv: run_cli(lambda: main(argv)), flags_parser=absl_flags_parser)

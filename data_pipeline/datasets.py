@@ -70,7 +70,7 @@ def tfds_source(spec: str, c: ml_collections.ConfigDict, *, split: str = "train"
     if spec in KNOWN_FILES:
         path = data_root() / KNOWN_FILES[spec]
     if not path.exists():
-        raise FileNotFoundError(
+        raise dp.DataFileNotFound(
             f"dataset {spec!r}: {path} does not exist. Give a parquet/JSONL path, 'toy', or one of "
             f"{sorted(KNOWN_FILES)} (looked up in {data_root()}; set DAPO_DATA_DIR to change it)")
     builder = NAMED_BUILDERS.get(spec, dp.PromptFile)

@@ -7,6 +7,8 @@ from typing import Any, TypeVar
 
 import grain
 
+from data_pipeline.records import DataError
+
 T = TypeVar("T")
 _STATE_VERSION = 1
 
@@ -45,16 +47,17 @@ def make_batch_dataset(
     each other without a short batch. Only the indices are shuffled; records are read lazily.
     """
     if len(source) == 0:
-        raise ValueError("the record source is empty; check the dataset path and the malformed-row log")
+        raise DataError("the record source is empty; check the dataset path and the malformed-row log")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1 or None (repeat forever), got {num_epochs}")
     global_batch = batch_size * shard_count
     if num_epochs is not None and drop_remainder and len(source) * num_epochs < global_batch:
-        raise ValueError(
+        raise DataError(
             f"{len(source)} records x {num_epochs} epochs cannot fill one global batch of {global_batch} "
-            f"(batch_size {batch_size} x {shard_count} shards); lower batch_size or raise num_epochs"
+            f"(batch_size {batch_size} x {shard_count} shards); lower batch_size (trainer.gen_batch_size) "
+            "or raise num_epochs (data.num_epochs, 0 = repeat forever)"
         )
     indices = grain.MapDataset.range(len(source))
     if shuffle:

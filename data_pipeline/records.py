@@ -60,12 +60,22 @@ def get_template(template: str | PromptTemplate) -> PromptTemplate:
     if isinstance(template, PromptTemplate):
         return template
     if template not in TEMPLATES:
-        raise ValueError(f"template={template!r} is unknown; use one of {sorted(TEMPLATES)} or a PromptTemplate")
+        raise DataError(f"template={template!r} is unknown: set config.data.template to one of "
+                        f"{sorted(TEMPLATES)}")
     return TEMPLATES[template]
 
 
 class MalformedRow(ValueError):
     """A source row that cannot become a PromptRecord; the message says which field is wrong."""
+
+
+class DataError(ValueError):
+    """A dataset the user named is missing, unreadable or empty; the message names the file and the
+    fix. The command-line entry points report it without a traceback (dapo_jax.runtime.cli_errors)."""
+
+
+class DataFileNotFound(DataError, FileNotFoundError):
+    """A dataset file or folder does not exist (still a FileNotFoundError for callers)."""
 
 
 def validate_messages(prompt: Any) -> list[Message]:

@@ -5,11 +5,14 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from etils import epath
 
 from data_pipeline.records import (
     LoadStats,
+    DataError,
+    DataFileNotFound,
     MalformedRow,
     PromptRecord,
     PromptTemplate,
@@ -28,10 +31,10 @@ def _files(path: epath.PathLike, suffix: str) -> list[epath.Path]:
     if path.is_dir():
         files = sorted(path.glob(f"*{suffix}"), key=lambda p: p.name)
         if not files:
-            raise FileNotFoundError(f"folder {path} holds no *{suffix} files; pass a file or a folder of them")
+            raise DataFileNotFound(f"folder {path} holds no *{suffix} files; pass a file or a folder of them")
         return files
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass a {suffix} file or a folder of {suffix} files")
+        raise DataFileNotFound(f"{path} does not exist; pass a {suffix} file or a folder of {suffix} files")
     return [path]
 
 
@@ -44,11 +47,15 @@ def _dataset_name(path: epath.PathLike) -> str:
 def _parquet_rows(path: epath.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yields (file name, row dict) for every row of a parquet file or folder."""
     for file in _files(path, ".parquet"):
-        with file.open("rb") as f:
-            table = pq.read_table(f)
+        try:
+            with file.open("rb") as f:
+                table = pq.read_table(f)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{file} is not a readable parquet file ({e}); it may be truncated or not "
+                            "parquet at all: download it again or point data.train / data.val at another file") from e
         missing = [c for c in _REQUIRED_PARQUET_COLUMNS if c not in table.column_names]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"{file} lacks column(s) {missing}; expected the DAPO schema "
                 "(data_source, prompt, ability, reward_model{ground_truth, style}, extra_info)"
             )
@@ -177,7 +184,12 @@ def load_dapo_parquet(
 def _jsonl_rows(path: epath.PathLike) -> Iterator[tuple[str, Any]]:
     """Yields (file name, parsed line or MalformedRow) for every non-blank line."""
     for file in _files(path, ".jsonl"):
-        for line in file.read_text(encoding="utf-8").splitlines():
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start}); a JSONL file "
+                            "holds one JSON object per line") from e
+        for line in text.splitlines():
             if not line.strip():
                 continue
             try:
@@ -251,7 +263,7 @@ def source_format(path: epath.PathLike) -> Literal["jsonl", "parquet"]:
         return "jsonl"
     if path.name.endswith(".parquet") or path.is_dir():
         return "parquet"
-    raise ValueError(f"{path}: expected a .parquet or .jsonl file (or a folder of them)")
+    raise DataError(f"{path}: expected a .parquet or .jsonl file (or a folder of them)")
 
 
 def source_files(path: epath.PathLike) -> list[epath.Path]:

@@ -28,7 +28,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_pipeline.records import PromptRecord, PromptTemplate, get_template
+from data_pipeline.records import DataError, PromptRecord, PromptTemplate, get_template
 from data_pipeline.sources import load_prompt_records, source_files, source_format
 from data_pipeline.toy_arithmetic import TOY_SPLITS, ToyArithmeticConfig, generate_toy_arithmetic
 
@@ -165,7 +165,9 @@ class _SourceFileBuilder(_PromptRecordBuilder, skip_registration=True):
     def _split_records(self) -> dict[str, list[PromptRecord]]:
         records, _ = load_prompt_records(self._source_path, template=self._template)
         if not records:
-            raise ValueError(f"{self._source_path} has no usable rows; see the log for the skipped rows")
+            raise DataError(f"{self._source_path} has no usable rows (empty, or every row malformed: the "
+                            "log above lists the skipped rows); fix the file or point the config at "
+                            "another one")
         return {self.SPLIT: records}
 
 
@@ -267,7 +269,7 @@ def _variant(
     template: str | PromptTemplate,
 ) -> _Variant:
     if name not in _BUILDERS:
-        raise ValueError(f"unknown dataset {name!r}; use one of {sorted(_BUILDERS)}")
+        raise DataError(f"unknown dataset {name!r}; use one of {sorted(_BUILDERS)}")
     if name == ToyArithmetic.name:
         if source_path is not None:
             raise ValueError(f"{name!r} is generated from toy_config; source_path does not apply")

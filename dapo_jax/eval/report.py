@@ -17,6 +17,7 @@ from typing import Any
 
 from dapo_jax.eval import metrics as eval_metrics
 from dapo_jax.rewards.batch import score_batch
+from dapo_jax.runtime.cli_errors import MissingFileError, UserError
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -53,12 +54,15 @@ def read_problems_jsonl(path: PathLike) -> list[dict[str, str]]:
     for line_number, row in _read_jsonl_objects(path):
         for field in ("id", "answer"):
             if field not in row:
-                raise ValueError(f"{path}, line {line_number}: missing '{field}' field")
+                raise UserError(f"{path}, line {line_number}: missing '{field}' field")
         problems.append({"id": str(row["id"]), "answer": str(row["answer"])})
     return problems
 
 
 def _read_jsonl_objects(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{path} does not exist (or is a folder): pass a JSONL file with one "
+                               "JSON object per line")
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -67,9 +71,9 @@ def _read_jsonl_objects(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 message = f"{path}, line {line_number}: not valid JSON ({error.msg})"
-                raise ValueError(message) from None
+                raise UserError(message) from None
             if not isinstance(row, dict):
-                raise ValueError(
+                raise UserError(
                     f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}"
                 )
             yield line_number, row
@@ -297,28 +301,28 @@ def read_responses_jsonl(path: PathLike, known_ids: Sequence[str]) -> list[dict[
         where = f"{path}, line {line_number}"
         ids = {str(row[key]) for key in ("id", "problem_id") if row.get(key) is not None}
         if not ids:
-            raise ValueError(f"{where}: needs an 'id' (or 'problem_id') field naming the problem")
+            raise UserError(f"{where}: needs an 'id' (or 'problem_id') field naming the problem")
         if len(ids) > 1:
-            raise ValueError(f"{where}: 'id' and 'problem_id' disagree ({sorted(ids)}); keep one")
+            raise UserError(f"{where}: 'id' and 'problem_id' disagree ({sorted(ids)}); keep one")
         problem_id = ids.pop()
         if problem_id not in known:
-            raise ValueError(
+            raise UserError(
                 f"{where}: unknown problem id {problem_id!r}; the problems have ids like "
                 f"{sorted(known)[:3]}"
             )
         if not isinstance(row.get("response"), str):
-            raise ValueError(f"{where}: needs a 'response' field holding the response text")
+            raise UserError(f"{where}: needs a 'response' field holding the response text")
         sample = {"problem_id": problem_id, "response": row["response"]}
         for field, kind in (("length", int), ("finish_reason", str)):
             if row.get(field) is not None:
                 if not isinstance(row[field], kind) or isinstance(row[field], bool):
-                    raise ValueError(
+                    raise UserError(
                         f"{where}: '{field}' must be {kind.__name__}, got {row[field]!r}"
                     )
                 sample[field] = row[field]
         samples.append(sample)
     if not samples:
-        raise ValueError(f"{path}: no responses found (the file has no JSON rows)")
+        raise UserError(f"{path}: no responses found (the file has no JSON rows)")
     return samples
 
 

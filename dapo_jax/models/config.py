@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from dapo_jax.runtime.cli_errors import UserError
+
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
 # Attention implementations (`models.attention`); "auto" picks by platform at trace time.
@@ -132,7 +134,7 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     """Returns the named size preset (see `PRESETS`), with optional field overrides."""
     key = name.lower().replace("_", "-").replace("qwen2p5", "qwen2.5")
     if key not in PRESETS:
-        raise ValueError(f"Unknown model preset {name!r}. Choose one of: {', '.join(sorted(PRESETS))}")
+        raise UserError(f"Unknown model preset {name!r}. Choose one of: {', '.join(sorted(PRESETS))}")
     cfg = PRESETS[key]()
     return cfg.replace(**overrides) if overrides else cfg
 
@@ -141,15 +143,15 @@ def from_hf_config(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     """Builds a ModelConfig from a HF config.json dict (Qwen2ForCausalLM or LlamaForCausalLM)."""
     model_type = hf.get("model_type", "qwen2")
     if model_type not in ("qwen2", "llama", "mistral"):
-        raise ValueError(f"Unsupported model_type {model_type!r} in config.json: dapo_jax loads "
-                         "qwen2 (Qwen2/Qwen2.5) and llama-family checkpoints")
+        raise UserError(f"Unsupported model_type {model_type!r} in config.json: dapo_jax loads "
+                        "qwen2 (Qwen2/Qwen2.5) and llama-family checkpoints")
     rope_theta = hf.get("rope_theta")
     if rope_theta is None:  # transformers 5 moved it into rope_parameters
         rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     rope_scaling = hf.get("rope_scaling") or (hf.get("rope_parameters") or {})
     rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
     if rope_type not in (None, "default"):
-        raise ValueError(f"rope scaling type {rope_type!r} is not supported yet; only default RoPE")
+        raise UserError(f"rope scaling type {rope_type!r} is not supported yet; only default RoPE")
     heads = hf["num_attention_heads"]
     arch = "llama" if model_type in ("llama", "mistral") else "qwen2"
     fields = dict(

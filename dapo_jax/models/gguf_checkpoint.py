@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from dapo_jax.runtime.cli_errors import UserError
+
 ARCHITECTURES = ("qwen2", "llama")
 
 _LAYER_NAMES = {  # GGUF per-layer suffix -> HF per-layer suffix
@@ -74,8 +76,8 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     r = _reader(os.fspath(path))
     arch = _field(r, "general.architecture")
     if arch not in ARCHITECTURES:
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; dapo_jax loads "
-                         f"{' and '.join(ARCHITECTURES)} GGUF files")
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; dapo_jax loads "
+                        f"{' and '.join(ARCHITECTURES)} GGUF files")
     names = {t.name: t for t in r.tensors}
     embed = names.get("token_embd.weight")
     if embed is None:
@@ -86,11 +88,11 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     head_dim = int(_field(r, f"{arch}.attention.key_length", hidden // heads))
     rope_dim = _field(r, f"{arch}.rope.dimension_count")
     if rope_dim is not None and int(rope_dim) != head_dim:
-        raise ValueError(f"{path}: partial rotary embeddings (rope.dimension_count {rope_dim} < head "
-                         f"dim {head_dim}) are not supported")
+        raise UserError(f"{path}: partial rotary embeddings (rope.dimension_count {rope_dim} < head "
+                        f"dim {head_dim}) are not supported")
     if _field(r, f"{arch}.rope.scaling.type") not in (None, "none"):
-        raise ValueError(f"{path}: rope scaling {_field(r, f'{arch}.rope.scaling.type')!r} is not "
-                         "supported yet; only default RoPE")
+        raise UserError(f"{path}: rope scaling {_field(r, f'{arch}.rope.scaling.type')!r} is not "
+                        "supported yet; only default RoPE")
     eos = _field(r, "tokenizer.ggml.eos_token_id")
     bos = _field(r, "tokenizer.ggml.bos_token_id")
     return {

@@ -25,6 +25,7 @@ from dapo_jax.models.config import ModelConfig
 from dapo_jax.models.qwen2 import Params, Qwen2, jnp_dtype, param_logical_axes, param_shapes
 from dapo_jax.models.safetensors_io import CheckpointReader, save_file
 from dapo_jax.models.sharding import make_mesh, named_sharding
+from dapo_jax.runtime.cli_errors import MissingFileError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +140,14 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
         return gguf_checkpoint.read_config(source.local)
     cfg_path = epath.Path(source.local) / "config.json"
     if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path} not found: load_pretrained expects a Hugging Face "
-                                "checkpoint directory (config.json + *.safetensors), a .gguf file "
-                                "or a Hub id")
-    return json.loads(cfg_path.read_text())
+        raise MissingFileError(f"{cfg_path} not found: load_pretrained expects a Hugging Face "
+                               "checkpoint directory (config.json + *.safetensors), a .gguf file "
+                               "or a Hub id; point model.path (or --checkpoint) at one")
+    try:
+        return json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise UserError(f"{cfg_path} is not valid JSON ({e}): the checkpoint's config.json is "
+                        "corrupt; download the checkpoint again") from e
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", mesh: Mesh | None = None,

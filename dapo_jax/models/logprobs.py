@@ -65,14 +65,18 @@ def chunked_token_logprobs(hidden: jax.Array, weight: jax.Array, targets: jax.Ar
 def sequence_logprobs(params: Params, cfg: ModelConfig, input_ids: jax.Array,
                       attention_mask: jax.Array, targets_mask: jax.Array | None = None, *,
                       return_entropy: bool = False, chunk_size: int = 256, temperature: float = 1.0,
-                      mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None
+                      mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None,
+                      positions: jax.Array | None = None, segment_ids: jax.Array | None = None
                       ) -> tuple[jax.Array, jax.Array | None]:
     """Per-token log-probs [B,T] aligned with `input_ids` (functional core of `token_logprobs`).
 
     out[:, t] = log p(input_ids[:, t] | input_ids[:, :t]) where targets_mask[:, t] is true, else 0;
-    position 0 has no prediction and is always 0.
+    position 0 has no prediction and is always 0. For packed rows (`training.packing`) pass the
+    per-sample `positions` and `segment_ids` (see `decoder_apply`), and a `targets_mask` that never
+    marks a sample's first token (it would be predicted from the previous sample's last one).
     """
-    hidden, _ = decoder_apply(params, cfg, input_ids, attention_mask, mesh=mesh, rules=rules)
+    hidden, _ = decoder_apply(params, cfg, input_ids, attention_mask, positions, mesh=mesh,
+                              rules=rules, segment_ids=segment_ids)
     weight = lm_head_weight(params, cfg).astype(jnp_dtype(cfg.dtype))
     lp, ent = chunked_token_logprobs(hidden[:, :-1], weight, input_ids[:, 1:], chunk_size=chunk_size,
                                      temperature=temperature, return_entropy=return_entropy,

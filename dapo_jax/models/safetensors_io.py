@@ -15,6 +15,8 @@ from typing import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
+from dapo_jax.runtime.cli_errors import MissingFileError, UserError
+
 _TO_NP = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
@@ -27,15 +29,36 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise MissingFileError(f"{self.path} does not exist: the checkpoint is incomplete; "
+                                   "download it again")
+        size = os.path.getsize(self.path)
         with open(self.path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
+            head = f.read(8)
+            if len(head) < 8:
+                raise self._truncated(f"{size} bytes, not even the 8-byte header size")
+            (n,) = struct.unpack("<Q", head)
             if n > 100 * 2**20:
-                raise ValueError(f"{self.path}: header of {n} bytes is not a safetensors header")
-            header = json.loads(f.read(n))
+                raise UserError(f"{self.path}: header of {n} bytes is not a safetensors header: the "
+                                "file is corrupt or not safetensors; download the checkpoint again")
+            if 8 + n > size:
+                raise self._truncated(f"{size} bytes, but its header alone needs {8 + n}")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as e:
+                raise UserError(f"{self.path}: the safetensors header is not valid JSON ({e}): the "
+                                "file is corrupt; download the checkpoint again") from e
         self.metadata = header.pop("__metadata__", {}) or {}
         self._entries = header
         self._data_start = 8 + n
+        end = max((int(e["data_offsets"][1]) for e in header.values()), default=0)
+        if self._data_start + end > size:
+            raise self._truncated(f"{size} bytes, but its tensors end at byte {self._data_start + end}")
         self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    def _truncated(self, detail: str) -> UserError:
+        return UserError(f"{self.path} is truncated ({detail}): the download or copy stopped early; "
+                         "download the checkpoint again")
 
     def keys(self) -> list[str]:
         """Tensor names in the file."""
@@ -91,7 +114,7 @@ class CheckpointReader:
         else:
             files = sorted(p for p in os.listdir(directory) if p.endswith(".safetensors"))
             if not files:
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"No *.safetensors files in {directory}: expected a Hugging Face checkpoint "
                     "(config.json + model.safetensors or model-*.safetensors + index). Convert "
                     "PyTorch .bin checkpoints with transformers' save_pretrained(safe_serialization=True).")
@@ -104,7 +127,7 @@ class CheckpointReader:
         if weight_map is not None:
             missing = [k for k in weight_map if k not in self._where]
             if missing:
-                raise FileNotFoundError(f"{index} lists tensors missing from the shard files: "
+                raise MissingFileError(f"{index} lists tensors missing from the shard files: "
                                         f"{missing[:5]}")
 
     def __contains__(self, name: str) -> bool:

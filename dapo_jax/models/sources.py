@@ -21,6 +21,8 @@ import tempfile
 
 from etils import epath
 
+from dapo_jax.runtime.cli_errors import MissingFileError
+
 _REMOTE = ("gs://", "s3://", "http://", "https://")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Only what the loaders read: never a repository's *.bin / *.pth / original/ copies.
@@ -71,14 +73,14 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _hub_error(repo_id: str, what: str, cause: Exception) -> FileNotFoundError:
+def _hub_error(repo_id: str, what: str, cause: Exception) -> MissingFileError:
     offline = _hub_offline()
     how = ("HF_HUB_OFFLINE is set, so only the cache was searched: download it once with network "
            f"(`hf download {repo_id}`) or unset HF_HUB_OFFLINE" if offline else
            "the Hub could not be reached and the cache does not hold it: download it once on a "
            f"machine with network (`hf download {repo_id}`, same HF_HOME), set HF_HUB_OFFLINE=1 to "
            "skip the network, or pass a local directory / .gguf file instead")
-    return FileNotFoundError(
+    return MissingFileError(
         f"model.path {what!r} looks like a Hugging Face Hub id ({repo_id}) but it is neither a local "
         f"path nor in the Hub cache at {hub_cache_dir()} (HF_HUB_OFFLINE="
         f"{os.environ.get('HF_HUB_OFFLINE', 'unset')}): {how}. ({type(cause).__name__}: {cause})")
@@ -125,6 +127,6 @@ def resolve(path: str | os.PathLike) -> Source:
             return Source("gguf", _hub_file("/".join(parts[:2]), "/".join(parts[2:]), revision), text)
         if _HUB_ID.match(repo_and_rev):
             return Source("hf", _hub_snapshot(repo_and_rev, revision), text)
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"model checkpoint {text!r} does not exist: give a Hugging Face checkpoint directory "
         "(config.json + *.safetensors, local or gs://), a .gguf file, or a Hub id like Qwen/Qwen2.5-7B")

@@ -16,10 +16,12 @@ import importlib
 import inspect
 from typing import Callable
 
+from dapo_jax.runtime.cli_errors import UserError
+
 RewardFn = Callable[[list[str], list[str]], list[dict]]
 
 
-class RewardFnError(ValueError):
+class RewardFnError(UserError):
     """`reward.fn` does not name a usable function; the message says why and how to fix it."""
 
 

@@ -6,6 +6,8 @@ import logging
 import os
 import uuid
 
+from dapo_jax.runtime.cli_errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -21,8 +23,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
     if coordinator_address or (num_processes and num_processes > 1):
         if not (coordinator_address and num_processes and process_id is not None):
-            raise ValueError("multi-process runs need --coordinator_address, --num_processes and "
-                             "--process_id together")
+            raise UserError("multi-process runs need --coordinator_address, --num_processes and "
+                            "--process_id together")
         jax.distributed.initialize(coordinator_address=coordinator_address,
                                    num_processes=num_processes, process_id=process_id)
         log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
@@ -66,10 +68,10 @@ def check_shared_directory(path: str | os.PathLike) -> None:
         probe.unlink()
     blind = [i for i, ok in enumerate(seen.reshape(-1)) if not ok]
     if blind:
-        raise ValueError(f"--workdir {path} is not shared: process(es) {blind} cannot see a file "
-                         "process 0 wrote there. Multi-process runs need a directory every host "
-                         "sees (gs://bucket/path or a shared file system), because all processes "
-                         "write one checkpoint there and read it back on restart.")
+        raise UserError(f"--workdir {path} is not shared: process(es) {blind} cannot see a file "
+                        "process 0 wrote there. Multi-process runs need a directory every host "
+                        "sees (gs://bucket/path or a shared file system), because all processes "
+                        "write one checkpoint there and read it back on restart.")
 
 
 def any_process(flag: bool) -> bool:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from dapo_jax.runtime.cli_errors import UserError
+
 GIB = 1024 ** 3
 GB = 1000 ** 3
 
@@ -66,9 +68,9 @@ class Topology:
         return self.hbm_bytes * self.chips
 
 
-def _error(name: str, why: str) -> ValueError:
-    return ValueError(f"Unknown topology {name!r}: {why}. Known forms: {', '.join(KNOWN_FORMS)}; "
-                      "or give --devices N with --hbm_gib X for anything else")
+def _error(name: str, why: str) -> UserError:
+    return UserError(f"Unknown topology {name!r}: {why}. Known forms: {', '.join(KNOWN_FORMS)}; "
+                     "or give --devices N with --hbm_gib X for anything else")
 
 
 def parse_topology(name: str) -> Topology:
@@ -98,8 +100,8 @@ def parse_topology(name: str) -> Topology:
 def custom_topology(devices: int, hbm_gib: float) -> Topology:
     """A topology of `devices` accelerators with `hbm_gib` GiB each (one host assumed)."""
     if devices <= 0:
-        raise ValueError(f"--devices must be a positive device count, got {devices}")
+        raise UserError(f"--devices must be a positive device count, got {devices}")
     if hbm_gib <= 0:
-        raise ValueError(f"--hbm_gib must be the positive HBM per device in GiB, got {hbm_gib}")
+        raise UserError(f"--hbm_gib must be the positive HBM per device in GiB, got {hbm_gib}")
     return Topology(name=f"{devices}x{hbm_gib:g}GiB", kind="custom", chips=int(devices),
                     hbm_bytes=int(hbm_gib * GIB), cores_per_chip=1, hosts=1)

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -30,10 +31,11 @@ from jax.sharding import NamedSharding
 import data_pipeline as dp
 from data_pipeline import datasets
 from dapo_jax import algo, experiment, models
-from dapo_jax.config_validation import as_list
+from dapo_jax.config_validation import as_list, validate_config
 from dapo_jax.eval.runner import evaluate_records
 from dapo_jax.rewards.batch import score_batch
 from dapo_jax.rewards.custom import RewardFn, load_reward_fn
+from dapo_jax.runtime.cli_errors import UserError
 from dapo_jax.runtime.host_transfer import tree_to_host
 from dapo_jax.sampler import RolloutBackend, RolloutDriver, RolloutRequest
 from dapo_jax.training import batching, reporting, run_record
@@ -61,6 +63,42 @@ def configured_reward(config: ml_collections.ConfigDict) -> RewardFn:
                            boxed_fallback=bool(r.get("boxed_fallback", False)))
 
     return reward
+
+
+# Config fields a resumed run must keep: the data position and the dynamic-sampling state count in
+# generation batches of prompts and in groups of rollout.n samples.
+RESUME_FIXED_FIELDS = ("trainer.train_batch_size", "trainer.gen_batch_size", "rollout.n")
+
+
+def _field(config: ml_collections.ConfigDict, key: str) -> Any:
+    section, name = key.split(".")
+    return config[section][name]
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> epath.Path:
+    """The run's workdir as an absolute path, created if needed and checked to be writable.
+
+    Raises a UserError naming --workdir when it is a file or cannot be written (gs:// paths are only
+    created: object stores have no permissions to probe cheaply).
+    """
+    text = os.fspath(workdir)
+    if "://" in text:  # Orbax needs absolute paths; gs:// paths are already absolute
+        path = epath.Path(text)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    path = epath.Path(os.path.abspath(text))
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--workdir {text} is a file, not a folder: pass a folder (a new one, or the "
+                        "workdir of the run to resume)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_check_{uuid.uuid4().hex}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--workdir {text} cannot be written ({e.strerror or e}): pass a folder you "
+                        "can create and write to") from e
+    return path
 
 
 @dataclasses.dataclass
@@ -96,15 +134,20 @@ class Trainer:
         """`rollout` replaces the engine-backed driver; `reward_fn` the configured scorer. The soft
         overlong punishment is part of DAPO's shaping and applies to any reward."""
         c = self.config = config
-        # Orbax needs absolute paths; gs:// paths are already absolute.
-        self.workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        # Bad input fails here, before any data or model work: the config, the workdir, reward.fn,
+        # then every dataset.
+        validate_config(c, jax.device_count())
+        self.workdir = prepare_workdir(workdir)
+        self.reward_fn = reward_fn if reward_fn is not None else configured_reward(c)
         self.is_main = jax.process_index() == 0
         self.progress = sys.stderr.isatty() if progress is None else progress
         # Every dataset is read through its TFDS array_record cache (built once, by process 0).
         data_cache = datasets.cache_dir(c, self.workdir)
         self.train_records = datasets.load_records(c.data.train, c, split="train",
                                                    cache_dir=data_cache)
+        self.val_sets = {datasets.dataset_name(v): datasets.load_records(v, c, split="val",
+                                                                         cache_dir=data_cache)
+                         for v in as_list(c.data.val)}
         self.exp = exp = experiment.build(c, workdir=self.workdir, train_records=self.train_records)
         self.mesh, self.model_cfg, self.tokenizer = exp.mesh, exp.model_config, exp.tokenizer
         if self.is_main:  # <workdir>/run/: config, its diff, commit, versions, sources, tokenizer
@@ -133,7 +176,6 @@ class Trainer:
         self.driver = rollout if rollout is not None else RolloutDriver(
             exp.engine(), self.params, steps_per_sync=c.rollout.steps_per_sync,
             tokenizer=self.tokenizer, progress=self.progress)
-        self.reward_fn = reward_fn if reward_fn is not None else configured_reward(c)
 
         ds = c.algo.dynamic_sampling
         self.accumulator = algo.DynamicSamplingAccumulator(
@@ -144,9 +186,6 @@ class Trainer:
             self.train_records, batch_size=c.trainer.gen_batch_size, seed=c.seed,
             num_epochs=c.data.num_epochs or None, shuffle=c.data.shuffle, shard_index=0,
             shard_count=1)
-        self.val_sets = {datasets.dataset_name(v): datasets.load_records(v, c, split="val",
-                                                                         cache_dir=data_cache)
-                         for v in as_list(c.data.val)}
         self.step = 0
         self.gen_batches_drawn = 0
         self.stop = StopFlag()  # SIGTERM (or `stop.request()`): checkpoint after this step, exit
@@ -170,12 +209,15 @@ class Trainer:
         self.checkpoints.save(step, params=self.params, opt_state=self.opt_state, arrays=arrays,
                               meta={"step": step, "gen_batches_drawn": self.gen_batches_drawn,
                                     "data_iter": self.data_iter.get_state(), "accumulator": scalars,
-                                    "model_config": self.model_cfg.__dict__})
+                                    "model_config": self.model_cfg.__dict__,
+                                    "fixed_fields": {k: _field(self.config, k)
+                                                     for k in RESUME_FIXED_FIELDS}})
 
     def _restore_if_any(self) -> None:
         step = self.checkpoints.latest_step()
         if step is None:
             return
+        self._check_resumable(step, self.checkpoints.read_meta(step))
         self.params, self.opt_state, arrays, meta = self.checkpoints.restore(
             step, params_like=self.params, opt_state_like=self.opt_state)
         self.step = int(meta["step"])
@@ -185,6 +227,23 @@ class Trainer:
         self.driver.update_params(self.params)
         if self.is_main:
             print(f"resumed from {self.checkpoints.directory} at step {self.step}", flush=True)
+
+    def _check_resumable(self, step: int, meta: dict[str, Any]) -> None:
+        """Raises a UserError when the config changed a field the checkpoint's state depends on."""
+        saved = dict(meta.get("fixed_fields") or {})
+        if not saved and "data_iter" in meta:  # checkpoints from before fixed_fields was recorded
+            loader = meta["data_iter"].get("config") or {}
+            saved = {"trainer.gen_batch_size": loader.get("batch_size")}
+        changed = [(k, v, _field(self.config, k)) for k, v in saved.items()
+                   if v is not None and k in RESUME_FIXED_FIELDS and v != _field(self.config, k)]
+        if changed:
+            was = ", ".join(f"{k}={v}" for k, v, _ in changed)
+            now = ", ".join(f"{k}={n}" for k, _, n in changed)
+            back = " ".join(f"--config.{k}={v}" for k, v, _ in changed)
+            raise UserError(f"--workdir {self.workdir} holds a checkpoint at step {step} made with "
+                            f"{was}, but the config now says {now}; a resumed run must keep its "
+                            f"batch sizes: set them back ({back}) or pass a new --workdir to start "
+                            "over")
 
     # ------------------------------------------------------------------------------ the stages
     def _render(self, records: Sequence[dict]) -> dp.RenderedPrompts:
