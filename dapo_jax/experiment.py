@@ -217,18 +217,20 @@ def build(config: ml_collections.ConfigDict, *, workdir: str | os.PathLike | Non
           tokenizer_dir: str | os.PathLike | None = None,
           train_records: Sequence[dict] | None = None,
           devices: Sequence[jax.Device] | None = None, mesh: Mesh | None = None,
-          model_config: ModelConfig | None = None) -> Experiment:
+          model_config: ModelConfig | None = None, validated: bool = False) -> Experiment:
     """Validates `config` (once, here) and builds the experiment.
 
     The tokenizer is `tokenizer_dir` when given, else the config's (`tokenizer_source()`, which may build
     the toy tokenizer into `workdir`). `model_config` overrides the config's architecture (evaluating
-    a checkpoint that records its own); otherwise `resolve_model_config` decides.
+    a checkpoint that records its own); otherwise `resolve_model_config` decides. `validated=True`
+    when the caller already ran `validate_config` (the trainer does it first, before loading data).
     """
     from dapo_jax.models.tokenizer import load_tokenizer
 
-    n = len(devices) if devices is not None else (mesh.size if mesh is not None
-                                                   else jax.device_count())
-    validate_config(config, n, training=model_config is None)
+    if not validated:
+        n = len(devices) if devices is not None else (mesh.size if mesh is not None
+                                                       else jax.device_count())
+        validate_config(config, n, training=model_config is None)
     mesh = mesh if mesh is not None else mesh_from_config(config, devices)
     if tokenizer_dir is None:
         if workdir is None:

@@ -148,7 +148,8 @@ class Trainer:
         self.val_sets = {datasets.dataset_name(v): datasets.load_records(v, c, split="val",
                                                                          cache_dir=data_cache)
                          for v in as_list(c.data.val)}
-        self.exp = exp = experiment.build(c, workdir=self.workdir, train_records=self.train_records)
+        self.exp = exp = experiment.build(c, workdir=self.workdir, train_records=self.train_records,
+                                          validated=True)  # validated above, before the data
         self.mesh, self.model_cfg, self.tokenizer = exp.mesh, exp.model_config, exp.tokenizer
         if self.is_main:  # <workdir>/run/: config, its diff, commit, versions, sources, tokenizer
             run_record.write_run_record(c, self.workdir, tokenizer_dir=exp.tokenizer_dir)
