@@ -89,6 +89,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     # every decode matmul computes W x^T (1.6x faster decode steps at small batch on XLA:CPU,
     # docs/benchmarks.md). "auto" = per_layer_out_major on CPU meshes, per_layer on GPU/TPU.
     c.rollout.decode_layout = "auto"
+    # KV cache (dapo_jax/sampler/paged_engine.py, docs/rollout_backends.md): "paged" = one pool of
+    # pages shared by all decode slots, taken as samples grow and returned when they finish; a
+    # prompt's n samples share its pages; each decode step reads only the pages in use. "dense" =
+    # every slot reserves max_target_length positions and every step reads all of them.
+    c.rollout.kv_cache = "paged"
+    c.rollout.kv_pool_tokens = 0  # pool size in tokens; 0 = slots x max length (never preempts)
+    c.rollout.kv_page_size = 16  # tokens per page
 
     c.algo = ml_collections.ConfigDict()
     c.algo.clip_ratio_low = 0.2
@@ -141,6 +148,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.trainer.gen_batch_size = 1536  # prompts per generation batch (dynamic sampling draws more)
     c.trainer.mini_batch_size = 512  # samples per optimizer update
     c.trainer.micro_batch_size = 16  # samples per gradient-accumulation micro-batch
+    # Packed updates (the default): samples end to end in rows, no padding to the maximum length;
+    # a micro-batch is a token budget per data-parallel rank (verl's ppo_max_token_len_per_gpu),
+    # 0 = micro_batch_size / (data x fsdp) full-length rows. Rows come in packing_row_buckets
+    # lengths (max, max/2, max/4, ...): one compiled program each. micro_batch_size then only sets
+    # that default; verl-legacy-token-mean always uses padded micro-batches of micro_batch_size.
+    c.trainer.packing = True
+    c.trainer.max_tokens_per_micro_batch = 0
+    c.trainer.packing_row_buckets = 3
     c.trainer.logprob_chunk_size = 1024  # sequence chunk for the vocab projection
     c.trainer.save_every = 10
     c.trainer.keep_checkpoints = 3

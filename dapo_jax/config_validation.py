@@ -8,6 +8,7 @@ from dapo_jax.algo import LOSS_AGG_MODES
 from dapo_jax.models.config import ATTENTION_IMPLEMENTATIONS, DTYPES, PRESETS, REMAT_POLICIES
 from dapo_jax.runtime.cli_errors import UserError
 from dapo_jax.sampler.decode_layout import DECODE_LAYOUT_CHOICES
+from dapo_jax.sampler.paged_cache import KV_CACHE_CHOICES, pages_for
 
 
 class ConfigError(UserError):
@@ -69,6 +70,20 @@ def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None
     _check(c.rollout.cache_dtype in DTYPES, "rollout.cache_dtype", f"must be one of {DTYPES}", p)
     _check(c.rollout.get("decode_layout", "auto") in DECODE_LAYOUT_CHOICES, "rollout.decode_layout",
            f"must be one of {list(DECODE_LAYOUT_CHOICES)}", p)
+    kv_cache = c.rollout.get("kv_cache", "dense")
+    _check(kv_cache in KV_CACHE_CHOICES, "rollout.kv_cache",
+           f"must be one of {list(KV_CACHE_CHOICES)} (paged = a pool of pages shared by the slots; "
+           "dense = every slot reserves max_target_length positions)", p)
+    page, pool = int(c.rollout.get("kv_page_size", 16)), int(c.rollout.get("kv_pool_tokens", 0))
+    _check(page >= 1, "rollout.kv_page_size", f"must be >= 1 (tokens per KV page), got {page}; "
+           "16 is a good default", p)
+    if kv_cache == "paged" and page >= 1:
+        longest = int(c.data.max_prompt_length) + int(c.data.max_response_length)
+        need = pages_for(longest, page) * page
+        _check(pool == 0 or pool >= need, "rollout.kv_pool_tokens",
+               f"must be 0 (default: every slot can reach full length) or hold at least one sample "
+               f"of data.max_prompt_length + data.max_response_length = {longest} tokens in pages "
+               f"of {page}; set it to >= {need}, got {pool}", p)
     for old in ("per_layer_weights", "out_major_weights"):
         _check(c.rollout.get(old) is None, f"rollout.{old}",
                "was replaced by rollout.decode_layout; delete it and set rollout.decode_layout to one "
@@ -139,6 +154,14 @@ def _check_training(c: ml_collections.ConfigDict, num_devices: int | None, p: li
                f"{n} devices): each device gets micro_batch_size / {dp} rows", p)
     _check(a.loss_agg_mode in LOSS_AGG_MODES, "algo.loss_agg_mode", f"must be one of {LOSS_AGG_MODES}",
            p)
+    full = d.max_prompt_length + d.max_response_length
+    budget = t.get("max_tokens_per_micro_batch", 0)
+    _check(budget == 0 or budget >= -(-full // 16) * 16, "trainer.max_tokens_per_micro_batch",
+           f"must hold one full-length sample: at least data.max_prompt_length + "
+           f"data.max_response_length = {full} tokens rounded up to a multiple of 16 "
+           f"({-(-full // 16) * 16}), or 0 for micro_batch_size full-length rows per device", p)
+    _check(t.get("packing_row_buckets", 3) >= 1, "trainer.packing_row_buckets",
+           "must be >= 1 (row lengths max, max/2, ...: one compiled update program each)", p)
     _check(0 <= a.clip_ratio_low < 1, "algo.clip_ratio_low", "must be in [0, 1)", p)
     _check(a.clip_ratio_high >= 0, "algo.clip_ratio_high", "must be >= 0", p)
     _check(a.clip_ratio_c == 0 or a.clip_ratio_c > 1, "algo.clip_ratio_c",

@@ -26,7 +26,10 @@ from dapo_jax.config_validation import ConfigError, as_list, validate_config
 from dapo_jax.models.config import ModelConfig, from_hf_config, preset
 from dapo_jax.models.sharding import make_mesh
 from dapo_jax.sampler.engine import Engine
+from dapo_jax.sampler.paged_engine import build_engine
 from dapo_jax.sampler.sampling import SamplingParams
+from dapo_jax.training.batching import PackingLayout
+from dapo_jax.training.batching import packing_layout as make_packing_layout
 from dapo_jax.training.update import LossSettings, lr_schedule, make_optimizer
 
 # Fields that define the architecture (a preset and a checkpoint must agree on all of them).
@@ -148,6 +151,37 @@ def loss_settings(config: ml_collections.ConfigDict, mesh: Mesh) -> LossSettings
         chunk_size=int(t.logprob_chunk_size), temperature=float(config.rollout.temperature))
 
 
+# Packed row lengths are multiples of this (small, so short buckets stay short; the TPU
+# attention kernel pads rows to 128 itself).
+PACKED_ROW_MULTIPLE = 16
+
+
+def uses_packing(config: ml_collections.ConfigDict) -> bool:
+    """Whether updates run on packed rows: trainer.packing, except for verl-legacy-token-mean,
+    whose loss is defined by fixed-size micro-batches (it keeps the padded layout)."""
+    return (bool(config.trainer.get("packing", True))
+            and config.algo.loss_agg_mode != "verl-legacy-token-mean")
+
+
+def token_budget(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
+    """Tokens per data-parallel rank per packed micro-batch: trainer.max_tokens_per_micro_batch,
+    or (0) the padded layout's footprint, micro_batch_size / (data x fsdp) full-length rows."""
+    t = config.trainer
+    if t.get("max_tokens_per_micro_batch", 0):
+        return int(t.max_tokens_per_micro_batch)
+    full = int(config.data.max_prompt_length) + int(config.data.max_response_length)
+    rows = max(1, int(t.micro_batch_size) // data_parallel_size(mesh))
+    return rows * (-(-full // PACKED_ROW_MULTIPLE) * PACKED_ROW_MULTIPLE)
+
+
+def packing_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> PackingLayout:
+    """The packed micro-batch shapes (row-length buckets) of this config on `mesh`."""
+    full = int(config.data.max_prompt_length) + int(config.data.max_response_length)
+    return make_packing_layout(full, token_budget(config, mesh), data_parallel_size(mesh),
+                               int(config.trainer.get("packing_row_buckets", 3)),
+                               multiple=PACKED_ROW_MULTIPLE)
+
+
 def sampling_params(section: ml_collections.ConfigDict) -> SamplingParams:
     """SamplingParams of `config.rollout` or `config.eval`."""
     return SamplingParams(temperature=float(section.temperature), top_p=float(section.top_p),
@@ -171,11 +205,14 @@ def make_engine(config: ml_collections.ConfigDict, model_config: ModelConfig, me
     """The rollout engine for prompts of `data.max_prompt_length` plus `max_new_tokens`."""
     r, p = config.rollout, int(config.data.max_prompt_length)
     new = int(max_new_tokens or config.data.max_response_length)
-    return Engine(model_config, max_concurrent_decodes=int(max_concurrent_decodes
-                                                           or r.max_concurrent_decodes),
-                  max_prefill_length=p, max_target_length=p + new, stop_token_ids=list(stop_ids),
-                  pad_token_id=pad_id, mesh=mesh, cache_dtype=r.cache_dtype,
-                  decode_layout=r.decode_layout)
+    return build_engine(model_config, kv_cache=r.get("kv_cache", "dense"),
+                        kv_pool_tokens=int(r.get("kv_pool_tokens", 0)),
+                        kv_page_size=int(r.get("kv_page_size", 16)),
+                        max_concurrent_decodes=int(max_concurrent_decodes
+                                                   or r.max_concurrent_decodes),
+                        max_prefill_length=p, max_target_length=p + new,
+                        stop_token_ids=list(stop_ids), pad_token_id=pad_id, mesh=mesh,
+                        cache_dtype=r.cache_dtype, decode_layout=r.decode_layout)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,8 @@ from dapo_jax.models.sharding import MESH_AXES, make_mesh
 from dapo_jax.sampler.engine import Engine
 from dapo_jax.runtime.cli_errors import VERBOSE_HELP, UserError, absl_flags_parser, run_cli
 from dapo_jax.runtime.topology import GIB, Topology, custom_topology, parse_topology
-from dapo_jax.training.update import batch_spec, build_update_fn
+from dapo_jax.training.update import (METRIC_SUMS, PACKED_FIELDS, batch_spec, build_apply_fn,
+                                      build_packed_grad_fn, build_update_fn)
 
 TIGHT_HEADROOM = 0.10  # below this the verdict warns: TPU temporaries can exceed XLA:CPU's
 
@@ -76,8 +77,8 @@ class Analytic:
 
     params: int  # train layout, param_dtype
     opt_state: int  # AdamW moments (param_dtype) + counters
-    grad_accumulator: int  # the float32 gradient sum carried through the micro-batch scan
-    minibatch: int  # one mini-batch of inputs, [num_micro, micro_batch, ...]
+    grad_accumulator: int  # the float32 gradient sum carried across micro-batches
+    minibatch: int  # padded: one mini-batch [num_micro, micro_batch, ...]; packed: one micro-batch
     remat_checkpoints: int  # activations kept for the backward pass under model.remat
     attention_scores: int  # float32 attention scores one layer holds at once (model.attention)
     sampler_params: int  # sampling layout (tensor-parallel, replicated over data/fsdp)
@@ -103,11 +104,27 @@ class Shapes:
     slots: int
     steps_per_sync: int
     decode_layout: str = "auto"  # the sampler's weight layout; "auto": the target platform's default
+    # Packed updates (trainer.packing): a micro-batch is rows_per_device rows of row_length tokens
+    # per data-parallel rank (the longest bucket: the most memory), token_budget >= their product.
+    packing: bool = False
+    token_budget: int = 0
+    row_length: int = 0
+    rows_per_device: int = 0
 
     @property
     def batch_shards(self) -> int:
         """Devices a batch is split over: data x fsdp."""
         return self.mesh["data"] * self.mesh["fsdp"]
+
+    @property
+    def train_rows(self) -> int:
+        """Rows one device holds in a micro-batch."""
+        return self.rows_per_device if self.packing else self.micro_batch_size // self.batch_shards
+
+    @property
+    def train_seq(self) -> int:
+        """Tokens per training row."""
+        return self.row_length if self.packing else self.seq_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,16 +133,20 @@ class Measurement:
 
     shapes: Shapes
     model: ModelConfig
-    train: StepMemory
+    train: StepMemory  # padded: the whole update; packed: one micro-batch's gradient step
     decode: StepMemory
     analytic: Analytic
     alternatives: dict[str, Analytic]  # mesh description -> analytic numbers on that mesh
+    apply: StepMemory | None = None  # packed: the optimizer step on the summed gradients
 
     @property
     def train_peak_bytes(self) -> int:
-        """Per-device bytes during the update step."""
+        """Per-device bytes during the update (the larger of its steps when packed)."""
         # The sampler's buffers are not alive then: the trainer releases them first.
-        return self.train.total_bytes
+        if self.apply is None:
+            return self.train.total_bytes
+        # The optimizer state is resident, not an argument, while micro-batch gradients are summed.
+        return max(self.train.total_bytes + self.analytic.opt_state, self.apply.total_bytes)
 
     @property
     def rollout_peak_bytes(self) -> int:
@@ -301,13 +322,16 @@ def analytic(cfg: ModelConfig, mesh: Mesh, shapes: Shapes, tx) -> Analytic:
     engine = _engine(cfg, mesh, shapes)
     sampler = engine.abstract_params()  # Engine.load_params casts (and unstacks)
     state = _abstract_decode_state(engine)
-    rows = shapes.micro_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = (shapes.rows_per_device if shapes.packing
+            else shapes.micro_batch_size // batch_shards)
     tensor = mesh.shape["tensor"]
+    inputs = _abstract_micro(mesh, shapes) if shapes.packing else _abstract_minibatch(mesh, shapes)
     return Analytic(
         params=tree_shard_bytes(params), opt_state=tree_shard_bytes(opt), grad_accumulator=grads,
-        minibatch=tree_shard_bytes(_abstract_minibatch(mesh, shapes)),
-        remat_checkpoints=activation_bytes(cfg, rows, shapes.seq_len, tensor, cfg.remat),
-        attention_scores=attention_score_bytes(cfg, rows, shapes.seq_len, tensor),
+        minibatch=tree_shard_bytes(inputs),
+        remat_checkpoints=activation_bytes(cfg, rows, shapes.train_seq, tensor, cfg.remat),
+        attention_scores=attention_score_bytes(cfg, rows, shapes.train_seq, tensor),
         sampler_params=tree_shard_bytes(sampler), decode_state=tree_shard_bytes(state),
         kv_cache=tree_shard_bytes({k: state["cache"][k] for k in ("k", "v")}))
 
@@ -340,6 +364,15 @@ def _abstract_minibatch(mesh: Mesh, shapes: Shapes) -> dict[str, jax.ShapeDtypeS
             "seq_count": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)}
 
 
+def _abstract_micro(mesh: Mesh, shapes: Shapes) -> dict[str, jax.ShapeDtypeStruct]:
+    """One packed micro-batch as the gradient step takes it: [ranks * rows, row_length]."""
+    shape = (shapes.batch_shards * shapes.rows_per_device, shapes.row_length)
+    sharding = NamedSharding(mesh, batch_spec(2))
+    dtypes = {"input_ids": jnp.int32, "segment_ids": jnp.int32, "positions": jnp.int32,
+              "response_mask": jnp.int32, "old_logprobs": jnp.float32, "advantages": jnp.float32}
+    return {k: jax.ShapeDtypeStruct(shape, dtypes[k], sharding=sharding) for k in PACKED_FIELDS}
+
+
 def _engine(cfg: ModelConfig, mesh: Mesh, shapes: Shapes) -> Engine:
     # Stop ids change no buffer: the model's EOS stands in for the tokenizer's.
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else 0
@@ -368,23 +401,46 @@ def _memory(compiled, seconds: float) -> StepMemory:
 
 
 def compile_train_step(config, cfg: ModelConfig, mesh: Mesh, shapes: Shapes, tx) -> StepMemory:
-    """Lowers and compiles one optimizer update (all micro-batches of a mini-batch) for `mesh`."""
+    """Lowers and compiles the update for `mesh`: padded, one optimizer update (all micro-batches
+    of a mini-batch); packed, one micro-batch's gradient step at the longest row bucket."""
     t0 = time.perf_counter()
     compiled = lower_train_step(config, cfg, mesh, shapes, tx).compile()
     return _memory(compiled, time.perf_counter() - t0)
 
 
-def lower_train_step(config, cfg: ModelConfig, mesh: Mesh, shapes: Shapes, tx) -> Any:
-    """The trainer's update step (`training.update.build_update_fn` with the experiment's loss
-    settings) lowered for abstract inputs of the planned shapes."""
+def compile_apply_step(cfg: ModelConfig, mesh: Mesh, tx) -> StepMemory:
+    """Lowers and compiles the packed update's optimizer step (summed gradients -> AdamW)."""
+    t0 = time.perf_counter()
     param_sh = hf_checkpoint.param_shardings(cfg, mesh)
     params = abstract_params(cfg, param_sh)
     opt = _abstract_opt_state(tx, params, mesh)
+    grads = abstract_params(cfg, param_sh, "float32")
+    apply = build_apply_fn(tx, mesh, param_sh, jax.tree.map(lambda x: x.sharding, opt))
+    compiled = apply.lower(params, opt, grads, _replicated(mesh)).compile()
+    return _memory(compiled, time.perf_counter() - t0)
+
+
+def _replicated(mesh: Mesh, dtype: Any = jnp.float32) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((), dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
+
+def lower_train_step(config, cfg: ModelConfig, mesh: Mesh, shapes: Shapes, tx) -> Any:
+    """The trainer's update lowered for abstract inputs of the planned shapes: padded,
+    `training.update.build_update_fn`; packed, `build_packed_grad_fn` (one micro-batch), both
+    with the experiment's loss settings."""
+    param_sh = hf_checkpoint.param_shardings(cfg, mesh)
+    params = abstract_params(cfg, param_sh)
+    loss = experiment.loss_settings(config, mesh)
+    if shapes.packing:
+        grad = build_packed_grad_fn(cfg, mesh, param_sh, loss, shapes.seq_len - shapes.prompt_len)
+        grads = abstract_params(cfg, param_sh, "float32")
+        sums = {k: _replicated(mesh) for k in METRIC_SUMS}
+        return grad.lower(params, grads, sums, _abstract_micro(mesh, shapes), _replicated(mesh),
+                          _replicated(mesh))
+    opt = _abstract_opt_state(tx, params, mesh)
     opt_sh = jax.tree.map(lambda x: x.sharding, opt)
-    update = build_update_fn(cfg, tx, mesh, param_sh, opt_sh, shapes.prompt_len,
-                             experiment.loss_settings(config, mesh))
-    lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
-    return update.lower(params, opt, _abstract_minibatch(mesh, shapes), lr)
+    update = build_update_fn(cfg, tx, mesh, param_sh, opt_sh, shapes.prompt_len, loss)
+    return update.lower(params, opt, _abstract_minibatch(mesh, shapes), _replicated(mesh))
 
 
 def compile_decode_step(config, cfg: ModelConfig, mesh: Mesh, shapes: Shapes) -> StepMemory:
@@ -428,6 +484,7 @@ def measure(config, devices: Sequence[jax.Device] | None = None) -> Measurement:
     micro = shapes.micro_batch_size
     tx, _ = experiment.optimizer(config)
     train = compile_train_step(config, cfg, mesh, shapes, tx)
+    apply = compile_apply_step(cfg, mesh, tx) if shapes.packing else None
     decode = compile_decode_step(config, cfg, mesh, shapes)
     alternatives = {}
     for label, shape in _candidate_meshes(mesh, cfg, micro).items():
@@ -435,14 +492,24 @@ def measure(config, devices: Sequence[jax.Device] | None = None) -> Measurement:
         alt_shapes = dataclasses.replace(shapes, mesh=shape)
         alternatives[label] = analytic(cfg, alt_mesh, alt_shapes, tx)
     return Measurement(shapes=shapes, model=cfg, train=train, decode=decode,
-                       analytic=analytic(cfg, mesh, shapes, tx), alternatives=alternatives)
+                       analytic=analytic(cfg, mesh, shapes, tx), alternatives=alternatives,
+                       apply=apply)
 
 
 def planned_shapes(config, cfg: ModelConfig, mesh: Mesh) -> Shapes:
     """The sizes the trainer runs `config` at on `mesh` (batch sizes checked against the mesh)."""
     micro, num_micro = _validate(config, mesh)
     prompt = int(config.data.max_prompt_length)
-    return Shapes(preset=config.model.preset or config.model.path, num_params=cfg.num_params,
+    packed = {}
+    if experiment.uses_packing(config):
+        try:
+            layout = experiment.packing_layout(config, mesh)
+        except ValueError as e:
+            raise UserError(str(e)) from e
+        row_length, rows = layout.buckets[-1]
+        packed = dict(packing=True, token_budget=layout.budget, row_length=row_length,
+                      rows_per_device=rows)
+    return Shapes(**packed,preset=config.model.preset or config.model.path, num_params=cfg.num_params,
                   param_dtype=cfg.param_dtype, dtype=cfg.dtype,
                   cache_dtype=config.rollout.cache_dtype or cfg.dtype, remat=cfg.remat,
                   mesh={a: int(mesh.shape[a]) for a in MESH_AXES}, micro_batch_size=micro,
@@ -494,14 +561,14 @@ def _shared_suggestions(phase: str, m: Measurement) -> list[Suggestion]:
     """Changes that help both phases: a different mesh, a bfloat16 sampler copy."""
     s, a = m.shapes, m.analytic
     out = []
-    rows = s.micro_batch_size // s.batch_shards
+    rows = s.train_rows
     for label, alt in m.alternatives.items():
         saved = _persistent(a, phase) - _persistent(alt, phase)
         if saved <= 0:
             continue
         shape = _alt_shape(s, label)
         note = "weights, optimizer state and KV cache split over more chips"
-        if label == "tensor" and phase == "train":
+        if label == "tensor" and phase == "train" and not s.packing:
             note += (f"; micro-batch rows per device go {rows} -> "
                      f"{s.micro_batch_size // (shape['data'] * shape['fsdp'])}, so activations grow")
         out.append(Suggestion(phase, f"mesh {_mesh_str(shape)} (now {_mesh_str(s.mesh)})", saved,
@@ -513,15 +580,23 @@ def _train_suggestions(m: Measurement, hbm: int) -> list[Suggestion]:
     s, a = m.shapes, m.analytic
     over = m.train_peak_bytes - hbm
     out: list[Suggestion] = []
-    rows = s.micro_batch_size // s.batch_shards
+    rows = s.train_rows
     if s.remat != "full":
-        full = activation_bytes(m.model, rows, s.seq_len, s.mesh["tensor"], "full")
+        full = activation_bytes(m.model, rows, s.train_seq, s.mesh["tensor"], "full")
         out.append(Suggestion("train", f"--config.model.remat=full (now {s.remat})",
                               max(0, a.remat_checkpoints - full),
                               "recomputes each layer in the backward pass (~1/3 more train FLOPs)"))
     # Everything in the train step's temporaries beyond the gradient sum scales with rows/device.
-    act = max(0, m.train.temp_bytes - a.grad_accumulator)
-    if rows > 1 and act > 0:
+    act = max(0, m.train.temp_bytes - (0 if s.packing else a.grad_accumulator))
+    if s.packing and rows > 1 and act > 0:
+        per_row = act / rows
+        new_rows = max(1, rows - max(1, math.ceil(over / per_row)))
+        out.append(Suggestion("train", f"--config.trainer.max_tokens_per_micro_batch="
+                              f"{new_rows * s.row_length} (now {s.token_budget}; {rows} -> "
+                              f"{new_rows} full-length rows per device)",
+                              int(per_row * (rows - new_rows)),
+                              "more micro-batches per update, same mini-batch and same gradient"))
+    elif rows > 1 and act > 0:
         per_row = act / rows
         new_rows = max(1, rows - max(1, math.ceil(over / per_row)))
         mini = s.micro_batch_size * s.num_micro
@@ -623,34 +698,55 @@ def format_report(result: PlanResult) -> str:
     """A human-readable per-device memory table, verdict and suggestions."""
     m, t = result.measurement, result.topology
     s, a = m.shapes, m.analytic
-    rows = s.micro_batch_size // s.batch_shards
+    rows = s.train_rows
     g = lambda n: f"{n / GIB:9.2f}"  # noqa: E731
+    if s.packing:
+        batch_line = (
+            f"mesh {_mesh_str(s.mesh)}; packed train micro-batches: token budget {s.token_budget:,} "
+            f"tokens per device = {rows} row(s) x {s.row_length:,} tokens at the longest row "
+            f"bucket (samples end to end, no padding to the maximum); micro-batches per update "
+            f"follow the tokens (at most {-(-s.micro_batch_size * s.num_micro // (rows * s.batch_shards))} "
+            f"when every sample is full length), remat={s.remat}, params {s.param_dtype}, "
+            f"compute {s.dtype}")
+    else:
+        batch_line = (
+            f"mesh {_mesh_str(s.mesh)}; train micro-batch {s.micro_batch_size} x {s.seq_len} tokens "
+            f"({rows} rows/device, padded), {s.num_micro} micro-batches per update, "
+            f"remat={s.remat}, params {s.param_dtype}, compute {s.dtype}")
+    step_name = "gradient step (one micro-batch)" if s.packing else "update step"
+    inputs_name = "micro-batch inputs" if s.packing else "mini-batch inputs"
+    args_analytic = (a.params + a.grad_accumulator + a.minibatch if s.packing
+                     else a.params + a.opt_state + a.minibatch)
     lines = [
         f"Memory plan: {s.preset} ({s.num_params / 1e9:.2f}B params) on {t.name}: {t.chips} "
         f"devices x {t.hbm_gib:.1f} GiB HBM, {t.hosts} host(s)",
-        f"mesh {_mesh_str(s.mesh)}; train micro-batch {s.micro_batch_size} x {s.seq_len} tokens "
-        f"({rows} rows/device), {s.num_micro} micro-batches per update, remat={s.remat}, "
-        f"params {s.param_dtype}, compute {s.dtype}",
+        batch_line,
         f"decode {s.slots} slots x {s.seq_len} tokens, cache {s.cache_dtype}, "
         f"{s.steps_per_sync} steps per call",
-        f"compile time: train step {m.train.compile_seconds:.1f} s, decode step "
+        f"compile time: train {step_name} {m.train.compile_seconds:.1f} s, decode step "
         f"{m.decode.compile_seconds:.1f} s (lower + compile on XLA:CPU)",
         "",
         f"{'per device, GiB':<52}{'XLA':>9}{'analytic':>10}",
-        "train step",
+        f"train {step_name}",
         f"{'  params (train layout, ' + s.param_dtype + ')':<52}{'':>9}{g(a.params):>10}",
-        f"{'  optimizer state (AdamW moments)':<52}{'':>9}{g(a.opt_state):>10}",
-        f"{'  mini-batch inputs':<52}{'':>9}{g(a.minibatch):>10}",
-        f"{'  = arguments':<52}{g(m.train.argument_bytes)}"
-        f"{g(a.params + a.opt_state + a.minibatch):>10}",
+        *([f"{'  gradient accumulator (float32, donated)':<52}{'':>9}{g(a.grad_accumulator):>10}"]
+          if s.packing else
+          [f"{'  optimizer state (AdamW moments)':<52}{'':>9}{g(a.opt_state):>10}"]),
+        f"{'  ' + inputs_name:<52}{'':>9}{g(a.minibatch):>10}",
+        f"{'  = arguments':<52}{g(m.train.argument_bytes)}{g(args_analytic):>10}",
         f"{'  gradients + activations + temporaries':<52}{g(m.train.temp_bytes)}",
-        f"{'    of which gradient accumulator (float32)':<52}{'':>9}{g(a.grad_accumulator):>10}",
+        *([] if s.packing else
+          [f"{'    of which gradient accumulator (float32)':<52}{'':>9}"
+           f"{g(a.grad_accumulator):>10}"]),
         f"{'    of which remat checkpoints (' + s.remat + ')':<52}{'':>9}"
         f"{g(a.remat_checkpoints):>10}",
         f"{'    one layer of attention scores (float32)':<52}{'':>9}{g(a.attention_scores):>10}",
         f"{'  outputs not aliased to donated inputs':<52}"
         f"{g(m.train.output_bytes - m.train.alias_bytes)}",
-        f"{'  = update step':<52}{g(m.train.total_bytes)}",
+        f"{'  = ' + step_name:<52}{g(m.train.total_bytes)}",
+        *([f"{'  + optimizer state (resident)':<52}{'':>9}{g(a.opt_state):>10}",
+           f"{'  optimizer step (params + moments + gradients)':<52}"
+           f"{g(m.apply.total_bytes)}"] if s.packing and m.apply is not None else []),
         f"{'  total':<52}{g(m.train_peak_bytes)}",
         "rollout (decode step)",
         f"{'  train params + optimizer state (resident)':<52}{'':>9}"
@@ -673,7 +769,7 @@ def format_report(result: PlanResult) -> str:
     ]
     if a.attention_scores > 0.1 * t.hbm_bytes:
         lines.append(f"note: attention scores take {_gib(a.attention_scores)} per device for one "
-                     f"layer at {rows} row(s) of {s.seq_len} tokens (model.attention="
+                     f"layer at {rows} row(s) of {s.train_seq} tokens (model.attention="
                      f"{m.model.attention!r}; 'auto' never materialises [T, T] scores)")
     if result.fits and result.headroom < TIGHT_HEADROOM:
         lines.append(f"warning: less than {100 * TIGHT_HEADROOM:.0f}% headroom; the TPU/GPU "

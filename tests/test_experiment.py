@@ -23,20 +23,31 @@ def _toy(**overrides):
     return apply_overrides(c, overrides)
 
 
-def test_planner_lowers_exactly_the_trainers_update_step(tmp_path):
-    c = _toy()
+@pytest.mark.parametrize("packing", [True, False])
+def test_planner_lowers_exactly_the_trainers_update_step(tmp_path, packing):
+    c = _toy(**{"trainer.packing": packing})
     tr = Trainer(c, str(tmp_path), progress=False)
+    assert tr.packing == packing
     devices = jax.devices()[:c.mesh.num_devices]
     cfg = plan.model_config(c)
     assert cfg == tr.model_cfg  # same architecture, vocabulary sized from the same tokenizer
     mesh = models.make_mesh({a: int(c.mesh[a]) for a in ("data", "fsdp", "tensor")},
                             devices=devices)
     shapes = plan.planned_shapes(c, cfg, mesh)
+    assert shapes.packing == packing
     planned = plan.lower_train_step(c, cfg, mesh, shapes, experiment.optimizer(c)[0]).as_text()
-    # The trainer's own jitted update, lowered for one mini-batch of the same shapes.
-    minibatch = plan._abstract_minibatch(tr.mesh, shapes)
-    lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(tr.mesh, PartitionSpec()))
-    trained = tr.update_fn.lower(tr.params, tr.opt_state, minibatch, lr).as_text()
+    rep = NamedSharding(tr.mesh, PartitionSpec())
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+    if packing:
+        # The trainer's gradient step for one micro-batch of the longest row bucket.
+        assert (shapes.row_length, shapes.rows_per_device) == tr.layout.buckets[-1]
+        grads, sums = tr.zero_fn(tr.params)
+        micro = plan._abstract_micro(tr.mesh, shapes)
+        trained = tr.grad_fn.lower(tr.params, grads, sums, micro, scalar, scalar).as_text()
+    else:
+        # The trainer's own jitted update, lowered for one mini-batch of the same shapes.
+        minibatch = plan._abstract_minibatch(tr.mesh, shapes)
+        trained = tr.update_fn.lower(tr.params, tr.opt_state, minibatch, scalar).as_text()
     tr.close()
     assert planned == trained
 

@@ -41,8 +41,17 @@ def _small_config():
 
 @pytest.fixture(scope="module")
 def result():
+    """The default: packed token-budget micro-batches."""
     assert len(jax.devices()) >= 8
     return planner.plan(_small_config(), devices=8, hbm_gib=16)
+
+
+@pytest.fixture(scope="module")
+def padded_result():
+    """The padded layout: fixed micro-batches of MICRO rows, one scanned update program."""
+    c = _small_config()
+    c.trainer.packing = False
+    return planner.plan(c, devices=8, hbm_gib=16)
 
 
 def test_official_parameter_count_matches_preset():
@@ -60,8 +69,9 @@ def test_params_per_device_are_a_fsdp_eighth_of_fp32_weights(result):
     assert 2 * expected <= m.analytic.opt_state <= 2 * expected * 1.005
 
 
-def test_xla_train_arguments_equal_params_moments_and_minibatch(result):
-    m = result.measurement
+def test_xla_train_arguments_equal_params_moments_and_minibatch(padded_result):
+    m = padded_result.measurement
+    assert not m.shapes.packing and m.apply is None
     minibatch = (MINI * SEQ * 2 + MINI * (SEQ // 2) * 2 + MINI) * 4 / 8  # ids, masks, lp, adv
     expected = 3 * QWEN_0P5B_PARAMS * 4 / 8 + minibatch
     assert expected <= m.train.argument_bytes <= expected * 1.005
@@ -73,6 +83,26 @@ def test_xla_train_arguments_equal_params_moments_and_minibatch(result):
     assert m.train.alias_bytes >= m.analytic.params + m.analytic.opt_state - 16
     # The float32 gradient sum alone is another eighth of the weights in temporaries.
     assert m.train.temp_bytes >= QWEN_0P5B_PARAMS * 4 / 8
+
+
+def test_packed_gradient_step_holds_params_gradient_sum_and_one_micro_batch(result):
+    m = result.measurement
+    s = m.shapes
+    # Default budget: MICRO / 8 devices = 1 full-length row of SEQ tokens per device.
+    assert s.packing and (s.token_budget, s.row_length, s.rows_per_device) == (SEQ, SEQ, 1)
+    micro = 6 * s.rows_per_device * s.row_length * 4  # six int32/float32 fields per token
+    assert m.analytic.minibatch == micro
+    expected = 2 * QWEN_0P5B_PARAMS * 4 / 8 + micro  # float32 params + float32 gradient sum
+    assert expected <= m.train.argument_bytes <= expected * 1.005
+    analytic = m.analytic.params + m.analytic.grad_accumulator + m.analytic.minibatch
+    assert abs(m.train.argument_bytes - analytic) <= 64
+    # The gradient sum is donated: its output reuses the argument buffer.
+    assert m.train.alias_bytes >= m.analytic.grad_accumulator - 16
+    # The optimizer step holds params, moments and the gradient sum.
+    assert m.apply.argument_bytes >= m.analytic.params + m.analytic.opt_state + m.analytic.grad_accumulator
+    assert m.train_peak_bytes == max(m.train.total_bytes + m.analytic.opt_state, m.apply.total_bytes)
+    report = planner.format_report(result)
+    assert f"token budget {SEQ:,} tokens per device" in report
 
 
 def test_decode_holds_replicated_sampler_weights_and_sharded_kv_cache(result):
@@ -95,7 +125,8 @@ def test_sixteen_gib_fits_with_headroom_from_the_peak(result):
     assert 0 < result.peak_bytes < hbm
     m = result.measurement
     # The trainer frees the sampler's buffers before the update; the train state stays for rollouts.
-    assert m.train_peak_bytes == m.train.total_bytes
+    assert m.train_peak_bytes == max(m.train.total_bytes + m.analytic.opt_state,
+                                     m.apply.total_bytes)
     assert result.peak_bytes == max(m.train_peak_bytes, m.rollout_peak_bytes)
 
 
@@ -121,9 +152,9 @@ def test_suggestions_address_only_the_phase_over_budget(result):
     assert {s.phase for s in verdict.suggestions} == {"train" if train > rollout else "rollout"}
 
 
-def test_micro_batch_suggestion_covers_the_overage_with_whole_rows(result):
+def test_micro_batch_suggestion_covers_the_overage_with_whole_rows(padded_result):
     import dataclasses
-    m = result.measurement
+    m = padded_result.measurement
     per_row = 100 * 2 ** 20
     # Pretend 4 rows per device whose activations cost `per_row` each, on top of the gradient sum.
     m4 = dataclasses.replace(
@@ -134,6 +165,22 @@ def test_micro_batch_suggestion_covers_the_overage_with_whole_rows(result):
     micro = [s for s in verdict.suggestions if "micro_batch_size" in s.action]
     assert len(micro) == 1 and micro[0].action.startswith("--config.trainer.micro_batch_size=16 ")
     assert micro[0].saves_bytes == 2 * per_row
+
+
+def test_token_budget_suggestion_covers_the_overage_with_whole_rows(result):
+    import dataclasses
+    m = result.measurement
+    per_row = 100 * 2 ** 20
+    # Pretend a budget of 4 full-length rows per device whose activations cost `per_row` each.
+    m4 = dataclasses.replace(
+        m, shapes=dataclasses.replace(m.shapes, rows_per_device=4, token_budget=4 * SEQ),
+        train=dataclasses.replace(m.train, temp_bytes=4 * per_row))
+    over = int(1.5 * per_row)  # needs two rows fewer: 4 -> 2 rows, budget 4 * SEQ -> 2 * SEQ
+    verdict = planner.assess(m4, custom_topology(8, (m4.train_peak_bytes - over) / GIB))
+    budget = [s for s in verdict.suggestions if "max_tokens_per_micro_batch" in s.action]
+    assert len(budget) == 1
+    assert budget[0].action.startswith(f"--config.trainer.max_tokens_per_micro_batch={2 * SEQ} ")
+    assert budget[0].saves_bytes == 2 * per_row
 
 
 def test_activation_estimate_matches_closed_form():
@@ -194,5 +241,5 @@ def test_cli_creates_its_own_fake_devices(tmp_path):
     out = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "on 2x1GiB: 2 devices" in out.stdout
-    assert "-> FITS" in out.stdout and "compile time: train step" in out.stdout
+    assert "-> FITS" in out.stdout and "compile time: train gradient step" in out.stdout
 

@@ -91,9 +91,9 @@ def known_rewards(texts, truths):
     return out
 
 
-def step_config(*, micro: int, devices: int, mode: str = "token-mean"):
+def step_config(*, micro: int, devices: int, mode: str = "token-mean", **extra):
     """The test's one-step config: one mini-batch (one AdamW update) of the two kept groups."""
-    return small_config(**{
+    return small_config(**extra, **{
         "rollout.n": G, "data.max_response_length": R, "rollout.temperature": TEMPERATURE,
         "algo.overlong_buffer.enable": True, "algo.overlong_buffer.len": L_CACHE,
         "algo.overlong_buffer.penalty_factor": PENALTY, "algo.overlong_filter": True,
@@ -117,6 +117,8 @@ def run_trainer_step(tmp_path, **kw):
     """One trainer step; returns its metrics, the rollout, and HF-named initial params, grad, params."""
     tr = Trainer(step_config(**kw), str(tmp_path), progress=False, reward_fn=known_rewards,
                  rollout=InjectedRollout(stop_id=0, vocab=0))
+    # The layout under test is the one asked for (packed unless trainer.packing=False or legacy).
+    assert tr.packing == (kw.get("trainer.packing", True) and kw.get("mode") != "verl-legacy-token-mean")
     tr.driver.stop_id, tr.driver.vocab = tr.exp.stop_ids[0], len(tr.tokenizer)
     before = _hf(jax.device_get(tr.params), tr.model_cfg)
     (metrics,) = tr.train()
@@ -240,14 +242,29 @@ def token_mean_runs(tmp_path_factory):
     for micro, devices in ((2, 1), (8, 1), (4, 1), (1, 1), (8, 2), (8, 8)):
         runs[(micro, devices)] = run_trainer_step(tmp_path_factory.mktemp(f"tm_{micro}_{devices}"),
                                                   micro=micro, devices=devices)
+    # The padded layout (fixed micro-batches of `micro` samples), and packed micro-batches of the
+    # smallest token budget (one full-length row per device: many micro-batches, short buckets).
+    for micro, devices in ((2, 1), (8, 2)):
+        runs[("padded", micro, devices)] = run_trainer_step(
+            tmp_path_factory.mktemp(f"padded_{micro}_{devices}"), micro=micro, devices=devices,
+            **{"trainer.packing": False})
+    full = step_config(micro=2, devices=1).data.max_prompt_length + R
+    budget = -(-full // 16) * 16
+    for devices in (1, 2):
+        runs[("budget", budget, devices)] = run_trainer_step(
+            tmp_path_factory.mktemp(f"budget_{devices}"), micro=2, devices=devices,
+            **{"trainer.max_tokens_per_micro_batch": budget})
     return runs
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "verl-legacy-token-mean"])
-def test_one_step_equals_the_pytorch_reference(mode, token_mean_runs, tmp_path):
+@pytest.mark.parametrize("mode,layout", [("token-mean", "packed"), ("token-mean", "padded"),
+                                         ("verl-legacy-token-mean", "padded")])
+def test_one_step_equals_the_pytorch_reference(mode, layout, token_mean_runs, tmp_path):
     micro = 2  # four micro-batches of unequal token counts: the aggregation mode matters
-    run = (token_mean_runs[(micro, 1)] if mode == "token-mean"
-           else run_trainer_step(tmp_path, micro=micro, devices=1, mode=mode))
+    if mode == "token-mean":
+        run = token_mean_runs[(micro, 1) if layout == "packed" else ("padded", micro, 1)]
+    else:
+        run = run_trainer_step(tmp_path, micro=micro, devices=1, mode=mode)
     ref = reference_step(run, mode, micro)
     m = run["metrics"]
     assert m["dynamic_sampling/dropped_groups"] == 1
@@ -270,3 +287,18 @@ def test_token_mean_step_is_the_same_for_every_micro_batch_size_and_device_count
                                                             abs=1e-6), key
         assert _max_diff(run["grad"], base["grad"]) < 1e-6, key
         assert _max_diff(run["after"], base["after"]) < 1e-6, key
+
+
+def test_token_budget_micro_batches_are_really_exercised(token_mean_runs):
+    """The smallest budget splits the update into several packed micro-batches on every rank;
+    the default budget packs the mini-batch into fewer, fuller micro-batches."""
+    budget = [k for k in token_mean_runs if k[0] == "budget"]
+    assert budget
+    for key in budget:
+        m = token_mean_runs[key]["metrics"]
+        assert m["perf/micro_batches_per_update"] >= 2, key
+        assert 0 < m["perf/packing_fill"] <= 1, key
+        assert m["perf/rank_token_imbalance"] >= 1.0, key
+    roomy = token_mean_runs[(8, 1)]["metrics"]
+    assert roomy["perf/micro_batches_per_update"] == 1
+    assert "perf/packing_fill" not in token_mean_runs[("padded", 2, 1)]["metrics"]

@@ -1,11 +1,16 @@
-"""Host-side batch layout: samples -> padded rows, and rows -> optimizer mini/micro-batches.
+"""Host-side batch layout: samples -> rows, and rows -> optimizer mini/micro-batches.
 
-A row is [left-padded prompt of P tokens | right-padded response of R tokens]: the prompt's last
-token sits at P - 1 for every row, so response position j is row position P + j everywhere.
+Two layouts. Padded (`pad_rows`, `minibatches`): a row is [left-padded prompt of P tokens |
+right-padded response of R tokens], so response position j is row position P + j everywhere, and a
+micro-batch is a fixed number of samples. Packed (`packing_layout`, `pack_minibatch`; the default,
+trainer.packing): samples end to end in rows of a few bucketed lengths, and a micro-batch is a
+token budget per data-parallel rank (trainer.max_tokens_per_micro_batch), so compute follows the
+tokens that exist rather than the configured maximum.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -52,3 +57,134 @@ def minibatches(arrays: dict[str, np.ndarray], *, mini_batch_size: int, micro_ba
     per = mini_batch_size // micro_batch_size
     return [{k: v[i * mini_batch_size:(i + 1) * mini_batch_size].reshape(
         (per, micro_batch_size) + v.shape[1:]) for k, v in arrays.items()} for i in range(n_mini)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Token-budget micro-batches of packed rows (trainer.packing)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PackingLayout:
+    """How packed micro-batches are shaped: every micro-batch is [num_ranks * rows, row_length]
+    for one of a few (row_length, rows per rank) buckets with rows * row_length <= budget, so the
+    memory of a micro-batch is the same whichever bucket a mini-batch uses and the number of
+    compiled programs is at most the number of buckets."""
+
+    budget: int  # tokens per data-parallel rank per micro-batch
+    num_ranks: int  # data-parallel ranks (mesh data x fsdp)
+    buckets: tuple[tuple[int, int], ...]  # (row_length, rows_per_rank), shortest rows first
+
+    def bucket_for(self, longest: int) -> tuple[int, int]:
+        """The shortest bucket whose rows hold a sample of `longest` tokens."""
+        for row_length, rows in self.buckets:
+            if row_length >= longest:
+                return row_length, rows
+        raise ValueError(f"a sample of {longest} tokens does not fit the longest packed row "
+                         f"({self.buckets[-1][0]} tokens)")
+
+
+def packing_layout(max_sample_length: int, budget: int, num_ranks: int, num_buckets: int = 3,
+                   multiple: int = 16) -> PackingLayout:
+    """Buckets of row length max_sample_length / 2^b (rounded up to `multiple`), b < num_buckets,
+    each with as many rows per rank as fit `budget` tokens.
+
+    Raises ValueError (naming trainer.max_tokens_per_micro_batch) when the budget cannot hold one
+    row of the longest possible sample.
+    """
+    full = -(-max_sample_length // multiple) * multiple
+    if budget < full:
+        raise ValueError(
+            f"trainer.max_tokens_per_micro_batch={budget} cannot hold one full-length sample: "
+            f"data.max_prompt_length + data.max_response_length = {max_sample_length} tokens (rows "
+            f"are rounded up to multiples of {multiple}: {full}); raise it to at least {full}")
+    def rounded(n: int) -> int:
+        return max(multiple, -(-n // multiple) * multiple)
+
+    lengths = sorted({rounded(-(-max_sample_length // 2 ** b)) for b in range(max(1, num_buckets))})
+    return PackingLayout(budget=int(budget), num_ranks=int(num_ranks),
+                         buckets=tuple((n, budget // n) for n in lengths))
+
+
+def _balance(row_tokens: np.ndarray, num_bins: int, capacity: int) -> np.ndarray:
+    """Bin (0..num_bins-1) of every row: longest-processing-time first, each row to the bin with
+    the fewest tokens that still has room (bins are (micro-batch, rank) pairs of `capacity` rows)."""
+    tokens = np.zeros(num_bins, np.int64)
+    count = np.zeros(num_bins, np.int64)
+    out = np.zeros(len(row_tokens), np.int64)
+    for r in np.argsort(-row_tokens, kind="stable"):
+        open_bins = np.flatnonzero(count < capacity)
+        b = int(open_bins[np.argmin(tokens[open_bins])])
+        out[r] = b
+        tokens[b] += row_tokens[r]
+        count[b] += 1
+    return out
+
+
+@dataclasses.dataclass
+class PackedMinibatch:
+    """One mini-batch as packed micro-batches: `fields[k]` is [num_micro, num_ranks * rows, L]."""
+
+    fields: dict[str, np.ndarray]
+    row_length: int
+    num_micro: int
+    rank_tokens: np.ndarray  # [num_ranks] sample tokens each rank holds, over all micro-batches
+    fill: float  # sample tokens / computed token slots
+    token_count: float  # response tokens in the loss (the mini-batch's global token-mean count)
+    seq_count: float  # samples with at least one token in the loss
+
+
+def pack_minibatch(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray],
+                   rollout_logprobs: np.ndarray, advantages: np.ndarray, in_loss: np.ndarray,
+                   layout: PackingLayout, *, pad_id: int) -> PackedMinibatch:
+    """Packs one mini-batch's samples (prompt + response, unpadded) into token-budget micro-batches.
+
+    Samples out of the loss (overlong-filtered, or without response tokens) are left out: they
+    weigh nothing in any aggregation mode, so computing them would only cost time. Rows are
+    filled first-fit decreasing, then spread over (micro-batch, rank) slots longest first, so
+    every rank gets about the same number of tokens (`rank_tokens`).
+    """
+    from dapo_jax.training import packing  # packing imports the model; batching stays light
+
+    keep = [i for i in range(len(responses)) if in_loss[i] and len(responses[i]) > 0]
+    sample_lengths = np.asarray([len(prompts[i]) + len(responses[i]) for i in keep], np.int64)
+    row_length, rows_per_rank = layout.bucket_for(int(sample_lengths.max()) if keep else 1)
+    slots = layout.num_ranks * rows_per_rank
+    if keep:
+        plan = packing.pack(sample_lengths, row_length)
+        row_tokens = np.bincount(plan.row, weights=sample_lengths, minlength=plan.num_rows)
+        num_micro = -(-plan.num_rows // slots)
+        bins = _balance(row_tokens, num_micro * layout.num_ranks, rows_per_rank)
+        # Bin b = micro m, rank d (b = m * ranks + d); rank d's rows are d*rows .. (d+1)*rows - 1
+        # of its micro-batch, which is the slice of axis 0 that the batch sharding gives it.
+        position = np.zeros(plan.num_rows, np.int64)
+        for b in range(num_micro * layout.num_ranks):
+            members = np.flatnonzero(bins == b)
+            m, d = divmod(b, layout.num_ranks)
+            position[members] = m * slots + d * rows_per_rank + np.arange(len(members))
+        plan = dataclasses.replace(plan, row=position[plan.row].astype(np.int32),
+                                   num_rows=num_micro * slots)
+        rank_tokens = np.bincount(bins % layout.num_ranks, weights=row_tokens,
+                                  minlength=layout.num_ranks)
+        rows = packing.packed_rows([prompts[i] for i in keep], [responses[i] for i in keep], plan,
+                                   pad_id=pad_id)
+        kept_lp = np.asarray(rollout_logprobs)[keep]
+        rows["rollout_logprobs"] = packing.place_per_token(kept_lp, rows).astype(np.float32)
+        rows["advantages"] = packing.place_per_sample(
+            np.asarray(advantages, np.float32)[keep], rows).astype(np.float32)
+    else:  # nothing to train on: one empty micro-batch keeps the update's shape and arithmetic
+        num_micro = 1
+        shape = (slots, row_length)
+        rows = {"input_ids": np.full(shape, pad_id, np.int32), "segment_ids": np.zeros(shape, np.int32),
+                "positions": np.zeros(shape, np.int32), "response_mask": np.zeros(shape, np.int32),
+                "rollout_logprobs": np.zeros(shape, np.float32),
+                "advantages": np.zeros(shape, np.float32)}
+        rank_tokens = np.zeros(layout.num_ranks)
+    fields = {k: rows[k].reshape(num_micro, slots, row_length)
+              for k in ("input_ids", "segment_ids", "positions", "response_mask", "rollout_logprobs",
+                        "advantages")}
+    token_count = float(fields["response_mask"].sum())
+    return PackedMinibatch(fields=fields, row_length=row_length, num_micro=num_micro,
+                           rank_tokens=rank_tokens,
+                           fill=float(sample_lengths.sum()) / (num_micro * slots * row_length),
+                           token_count=token_count, seq_count=float(len(keep)))

@@ -44,8 +44,9 @@ from dapo_jax.runtime.devices import peak_flops_per_device
 from dapo_jax.training.metrics_writer import MetricsWriter
 from dapo_jax.training.policy_init import initial_params
 from dapo_jax.training.preemption import PREEMPTED_EXIT_CODE, Preempted, StopFlag
-from dapo_jax.training.update import (batch_spec, build_minibatch_logprob_fn, build_update_fn,
-                                      init_opt_state)
+from dapo_jax.training.update import (batch_spec, build_apply_fn, build_minibatch_logprob_fn,
+                                      build_packed_grad_fn, build_packed_logprob_fn,
+                                      build_update_fn, build_zero_fn, init_opt_state)
 
 __all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "RewardFn", "Trainer"]
 
@@ -169,10 +170,22 @@ class Trainer:
         self.param_shardings = models.param_shardings(self.model_cfg, self.mesh)
         self.tx, self.lr = exp.optimizer()
         self.opt_state, self.opt_shardings = init_opt_state(self.tx, self.params)
-        self.logprob_fn = build_minibatch_logprob_fn(self.model_cfg, self.mesh, self.param_shardings,
-                                                     self.P, exp.loss)
-        self.update_fn = build_update_fn(self.model_cfg, self.tx, self.mesh, self.param_shardings,
-                                         self.opt_shardings, self.P, exp.loss)
+        self.packing = experiment.uses_packing(c)
+        if self.packing:  # token-budget micro-batches of packed rows
+            self.layout = experiment.packing_layout(c, self.mesh)
+            self.packed_logprob_fn = build_packed_logprob_fn(self.model_cfg, self.mesh,
+                                                             self.param_shardings, exp.loss)
+            self.grad_fn = build_packed_grad_fn(self.model_cfg, self.mesh, self.param_shardings,
+                                                exp.loss, self.R)
+            self.zero_fn = build_zero_fn(self.mesh, self.param_shardings)
+            self.apply_fn = build_apply_fn(self.tx, self.mesh, self.param_shardings,
+                                           self.opt_shardings)
+        else:  # padded rows, micro-batches of trainer.micro_batch_size samples
+            self.logprob_fn = build_minibatch_logprob_fn(self.model_cfg, self.mesh,
+                                                         self.param_shardings, self.P, exp.loss)
+            self.update_fn = build_update_fn(self.model_cfg, self.tx, self.mesh,
+                                             self.param_shardings, self.opt_shardings, self.P,
+                                             exp.loss)
 
         self.driver = rollout if rollout is not None else RolloutDriver(
             exp.engine(), self.params, steps_per_sync=c.rollout.steps_per_sync,
@@ -296,6 +309,8 @@ class Trainer:
 
     def _update_policy(self, batch: dict[str, np.ndarray], timer: _Timer) -> dict[str, float]:
         """Old log-probs of every mini-batch, then one optimizer update per mini-batch."""
+        if self.packing:
+            return self._update_packed(batch, timer)
         c = self.config
         rows = {"input_ids": np.concatenate([batch["prompt_ids"], batch["response_ids"]], axis=1),
                 "attention_mask": np.concatenate([batch["prompt_mask"], batch["response_mask"]],
@@ -340,6 +355,81 @@ class Trainer:
         out["training/rollout_probs_diff_mean"] = sum(float(x[0]) for x in d) / max(total, 1.0)
         out["training/rollout_probs_diff_max"] = max(float(x[2]) for x in d)
         return out
+
+    def _place_rows(self, micro: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Places one packed micro-batch [rows, L] (identical on every host) on the mesh."""
+        sharding = NamedSharding(self.mesh, batch_spec(2))
+        return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+                for k, v in micro.items()}
+
+    def _update_packed(self, batch: dict[str, np.ndarray], timer: _Timer) -> dict[str, float]:
+        """`_update_policy` on packed token-budget micro-batches (trainer.packing)."""
+        c = self.config
+        n = batch["response_ids"].shape[0]
+        mini = c.trainer.mini_batch_size
+        prompts = [ids[m > 0] for ids, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
+        lengths = batch["response_mask"].sum(axis=1)
+        responses = [ids[:k] for ids, k in zip(batch["response_ids"], lengths)]
+        packed = []
+        for start in range(0, max(n, 1), mini):  # the same mini-batches as the padded layout
+            part = slice(start, min(start + mini, n))
+            packed.append(batching.pack_minibatch(
+                prompts[part], responses[part], batch["rollout_logprobs"][part],
+                batch["advantages"][part], batch["in_loss"][part], self.layout,
+                pad_id=self.exp.pad_id))
+        with timer("old_log_prob"):
+            # All old log-probs come from the weights before this step's first update.
+            micro_batches, diffs = [], []
+            for pm in packed:
+                placed = []
+                for m in range(pm.num_micro):
+                    micro = self._place_rows({k: v[m] for k, v in pm.fields.items()})
+                    micro["old_logprobs"], diff = self.packed_logprob_fn(
+                        self.params, {k: micro[k] for k in ("input_ids", "segment_ids", "positions",
+                                                            "response_mask", "rollout_logprobs")})
+                    del micro["rollout_logprobs"]
+                    placed.append(micro)
+                    diffs.append(diff)
+                micro_batches.append(placed)
+            jax.block_until_ready([mb["old_logprobs"] for placed in micro_batches for mb in placed])
+        per_update = []
+        with timer("update_actor"):
+            lr = jnp.float32(self.lr(self.step))
+            for pm, placed in zip(packed, micro_batches):
+                grads, sums = self.zero_fn(self.params)
+                token_count = jnp.float32(pm.token_count)
+                seq_count = jnp.float32(pm.seq_count)
+                for micro in placed:
+                    grads, sums = self.grad_fn(self.params, grads, sums, micro, token_count,
+                                               seq_count)
+                self.params, self.opt_state, applied = self.apply_fn(self.params, self.opt_state,
+                                                                     grads, lr)
+                per_update.append((sums, applied))
+            per_update = tree_to_host(per_update)
+        out: dict[str, float] = collections.defaultdict(float)
+        n_mini = len(packed)
+        for sums, applied in per_update:
+            count = max(float(sums["token_count"]), 1.0)
+            for k, v in sums.items():
+                if k.endswith("_sum"):
+                    out[f"actor/{k[:-4]}"] += float(v) / count / n_mini
+            out["actor/loss"] += float(sums["loss"]) / n_mini
+            out["actor/grad_norm"] += float(applied["grad_norm"]) / n_mini
+            out["actor/updates_skipped"] += float(applied["update_skipped"])
+        out["actor/num_updates"] = float(n_mini)
+        d = tree_to_host(diffs)
+        total = sum(float(x[1]) for x in d)
+        out["training/rollout_probs_diff_mean"] = sum(float(x[0]) for x in d) / max(total, 1.0)
+        out["training/rollout_probs_diff_max"] = max(float(x[2]) for x in d)
+        # How the token budget was used: computed slots that hold sample tokens, micro-batches per
+        # update, and the busiest data-parallel rank's tokens over the mean (1.0 = balanced).
+        rank_tokens = sum(pm.rank_tokens for pm in packed)
+        out["perf/packing_fill"] = float(np.mean([pm.fill for pm in packed]))
+        out["perf/micro_batches_per_update"] = float(np.mean([pm.num_micro for pm in packed]))
+        out["perf/rank_token_imbalance"] = (float(rank_tokens.max() / rank_tokens.mean())
+                                            if rank_tokens.sum() > 0 else 1.0)
+        out["perf/packed_row_length"] = float(max(pm.row_length for pm in packed))
+        return dict(out)
 
     _UPDATE_FIELDS = ("input_ids", "attention_mask", "response_mask", "old_logprobs", "advantages",
                       "token_count", "seq_count")

@@ -109,6 +109,27 @@ def build_minibatch_logprob_fn(cfg: ModelConfig, mesh: Mesh, param_shardings: An
     return jax.jit(fn, in_shardings=(param_shardings, sh, sh, sh, sh), out_shardings=(sh, rep))
 
 
+def _apply_gradients(tx: optax.GradientTransformation, params: Params, opt_state: Any, grads: Any,
+                     lr: jax.Array) -> tuple[Params, Any, dict[str, jax.Array]]:
+    """One AdamW step from summed gradients, skipped (state kept) when they are not finite."""
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(grad_norm)
+    # This step's learning rate goes into a copy: a skipped update keeps the state as it was.
+    stepped = opt_state._replace(hyperparams={**opt_state.hyperparams,
+                                              "learning_rate": jnp.asarray(lr, jnp.float32)})
+    updates, new_opt = tx.update(grads, stepped, params)
+    new_params = optax.apply_updates(params, updates)
+    # Skip the update (keep params and the whole optimizer state) when the gradient is not finite.
+    # Not optax.apply_if_finite: after max_consecutive_errors it applies the non-finite update
+    # anyway, and it reports skips only through its state; this never applies one and reports
+    # every skipped update as a metric.
+    new_params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params)
+    new_opt = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_opt, opt_state)
+    return new_params, new_opt, {"grad_norm": grad_norm,
+                                 "update_skipped": (~finite).astype(jnp.float32)}
+
+
 def build_update_fn(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
                     param_shardings: Any, opt_shardings: Any, prompt_len: int,
                     loss: LossSettings, rules: Mapping[str, Any] | None = None):
@@ -166,28 +187,130 @@ def build_update_fn(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
         micro_batches = {k: mb[k] for k in ("input_ids", "attention_mask", "response_mask",
                                             "old_logprobs", "advantages")}
         (grads, loss_value, sums), _ = jax.lax.scan(body, init, micro_batches)
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(grad_norm)
-        # This step's learning rate goes into a copy: a skipped update keeps the state as it was.
-        stepped = opt_state._replace(hyperparams={**opt_state.hyperparams,
-                                                  "learning_rate": jnp.asarray(lr, jnp.float32)})
-        updates, new_opt = tx.update(grads, stepped, params)
-        new_params = optax.apply_updates(params, updates)
-        # Skip the update (keep params and the whole optimizer state) when the gradient is not finite.
-        # Not optax.apply_if_finite: after max_consecutive_errors it applies the non-finite update
-        # anyway, and it reports skips only through its state; this never applies one and reports
-        # every skipped update as a metric.
-        new_params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params)
-        new_opt = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_opt, opt_state)
+        new_params, new_opt, applied = _apply_gradients(tx, params, opt_state, grads, lr)
         count = jnp.maximum(sums["token_count"], 1.0)
         metrics = {k[:-4]: v / count for k, v in sums.items() if k.endswith("_sum")}
-        metrics.update(loss=loss_value, grad_norm=grad_norm, update_skipped=(~finite).astype(jnp.float32),
-                       response_tokens=sums["token_count"])
+        metrics.update(loss=loss_value, response_tokens=sums["token_count"], **applied)
         return new_params, new_opt, metrics
 
     return jax.jit(fn, donate_argnums=(0, 1),
                    in_shardings=(param_shardings, opt_shardings, mb_sh, rep),
+                   out_shardings=(param_shardings, opt_shardings, rep))
+
+
+# --------------------------------------------------------------------------------------------------
+# Packed rows (trainer.packing): one program per row-length bucket, micro-batches looped on the host
+# --------------------------------------------------------------------------------------------------
+
+# Fields of one packed micro-batch [rows, L] (see `batching.pack_minibatch`).
+PACKED_FIELDS = ("input_ids", "segment_ids", "positions", "response_mask", "old_logprobs",
+                 "advantages")
+METRIC_SUMS = ("pg_loss_sum", "pg_clipfrac_sum", "pg_clipfrac_upper_sum",
+               "pg_clipfrac_lower_bound_sum", "pg_clipfrac_lower_sum", "ppo_kl_sum", "entropy_sum",
+               "token_count", "loss")
+
+
+def _packed_forward(params, cfg, micro, loss: LossSettings, mesh, rules, return_entropy: bool):
+    seg = micro["segment_ids"]
+    return sequence_logprobs(params, cfg, micro["input_ids"], (seg > 0).astype(jnp.int32),
+                             micro["response_mask"], return_entropy=return_entropy,
+                             chunk_size=loss.chunk_size, mesh=mesh, rules=rules,
+                             temperature=loss.temperature, positions=micro["positions"],
+                             segment_ids=seg)
+
+
+def build_packed_logprob_fn(cfg: ModelConfig, mesh: Mesh, param_shardings: Any, loss: LossSettings,
+                            rules: Mapping[str, Any] | None = None):
+    """jit(params, micro) -> (old [rows, L], diff): old log-probs of one packed micro-batch.
+
+    `micro` holds input_ids, segment_ids, positions, response_mask and rollout_logprobs [rows, L];
+    `diff` = (sum, count, max) of |p_rollout - p_old| over its response tokens.
+    """
+    sh = NamedSharding(mesh, batch_spec(2))
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def fn(params, micro):
+        old, _ = _packed_forward(params, cfg, micro, loss, mesh, rules, return_entropy=False)
+        valid = micro["response_mask"] > 0
+        diff = jnp.where(valid, jnp.abs(jnp.exp(micro["rollout_logprobs"]) - jnp.exp(old)), 0.0)
+        return old, jnp.stack([jnp.sum(diff), jnp.sum(valid).astype(jnp.float32), jnp.max(diff)])
+
+    fields = ("input_ids", "segment_ids", "positions", "response_mask", "rollout_logprobs")
+    return jax.jit(fn, in_shardings=(param_shardings, {k: sh for k in fields}),
+                   out_shardings=(sh, rep))
+
+
+def build_packed_grad_fn(cfg: ModelConfig, mesh: Mesh, param_shardings: Any, loss: LossSettings,
+                         response_length: int, rules: Mapping[str, Any] | None = None):
+    """jit(params, grads, sums, micro, token_count, seq_count) -> (grads, sums).
+
+    Adds one packed micro-batch's gradient to `grads` (float32, the params' shardings) and its
+    metric sums (METRIC_SUMS) to `sums`. The loss divides by the *mini-batch's* token_count
+    (or seq_count), so the sum over micro-batches is exactly the mini-batch's gradient, however
+    the samples were packed. verl-legacy-token-mean is defined by fixed-size micro-batches and
+    has no packed form: the trainer keeps the padded layout for it.
+    """
+    from dapo_jax.training.packing import packed_policy_loss  # packing imports this module's deps
+
+    if loss.loss_agg_mode == "verl-legacy-token-mean":
+        raise ValueError("verl-legacy-token-mean averages fixed-size micro-batches; use the padded "
+                         "layout (trainer.packing=False) for it")
+    sh = NamedSharding(mesh, batch_spec(2))
+    rep = NamedSharding(mesh, PartitionSpec())
+    scale_length = loss.loss_scale_length or float(response_length)
+
+    def micro_loss(params, micro, token_count, seq_count):
+        lp, ent = _packed_forward(params, cfg, micro, loss, mesh, rules, return_entropy=True)
+        seg = micro["segment_ids"]
+        rows, width = seg.shape
+        # A sample never leaves its row, so (row, segment) names it inside the micro-batch.
+        sample = jnp.where(seg > 0, jnp.arange(rows)[:, None] * width + seg - 1, -1)
+        value, metrics = packed_policy_loss(
+            micro["old_logprobs"], lp, micro["advantages"], micro["response_mask"], sample,
+            num_samples=rows * width, clip_ratio_low=loss.clip_ratio_low,
+            clip_ratio_high=loss.clip_ratio_high, clip_ratio_c=loss.clip_ratio_c,
+            loss_agg_mode=loss.loss_agg_mode, global_token_count=token_count,
+            global_seq_count=seq_count, loss_scale_length=scale_length,
+            log_ratio_clamp=loss.log_ratio_clamp)
+        mask = micro["response_mask"] > 0
+        metrics["entropy_sum"] = jax.lax.stop_gradient(jnp.sum(jnp.where(mask, ent, 0.0)))
+        return value, metrics
+
+    def fn(params, grads, sums, micro, token_count, seq_count):
+        (value, metrics), g = jax.value_and_grad(micro_loss, has_aux=True)(
+            params, micro, token_count, seq_count)
+        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+        metrics["loss"] = value
+        return grads, {k: sums[k] + metrics[k] for k in METRIC_SUMS}
+
+    return jax.jit(fn, donate_argnums=(1, 2),
+                   in_shardings=(param_shardings, param_shardings, rep, {k: sh for k in PACKED_FIELDS},
+                                 rep, rep),
+                   out_shardings=(param_shardings, rep))
+
+
+def build_zero_fn(mesh: Mesh, param_shardings: Any):
+    """jit(params) -> (grads, sums): a zero float32 gradient sum in the params' shardings and
+    zeroed METRIC_SUMS, the start of one mini-batch's accumulation."""
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def fn(params):
+        return (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params),
+                {k: jnp.float32(0.0) for k in METRIC_SUMS})
+
+    return jax.jit(fn, in_shardings=(param_shardings,), out_shardings=(param_shardings, rep))
+
+
+def build_apply_fn(tx: optax.GradientTransformation, mesh: Mesh, param_shardings: Any,
+                   opt_shardings: Any):
+    """jit(params, opt_state, grads, lr) -> (params, opt_state, {grad_norm, update_skipped})."""
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def fn(params, opt_state, grads, lr):
+        return _apply_gradients(tx, params, opt_state, grads, lr)
+
+    return jax.jit(fn, donate_argnums=(0, 1),
+                   in_shardings=(param_shardings, opt_shardings, param_shardings, rep),
                    out_shardings=(param_shardings, opt_shardings, rep))
 
 
