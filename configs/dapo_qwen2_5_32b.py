@@ -34,7 +34,9 @@ def get_config(arg: str = "dapo"):
     c.trainer.train_batch_size = 512
     c.trainer.gen_batch_size = 1536
     c.trainer.mini_batch_size = 512
-    c.trainer.micro_batch_size = 8  # one 22.5k-token row per data-parallel shard (see dapo_jax.plan)
+    c.trainer.micro_batch_size = 8
+    # Packed micro-batches of four full-length rows' worth of tokens per device (see dapo_jax.plan).
+    c.trainer.max_tokens_per_micro_batch = 90112
     c.trainer.total_steps = 400
     c.trainer.test_freq = 5
     c.eval.n = 32

@@ -25,5 +25,8 @@ def get_config(arg: str = "dapo"):
     c.trainer.gen_batch_size = 1536
     c.trainer.mini_batch_size = 512
     c.trainer.micro_batch_size = 64
+    # Packed micro-batches of eight full-length rows' worth of tokens per device: fits a v5p-32,
+    # a v6e-32 and 8 x H100-80GB (python -m dapo_jax.plan; docs/plan.md).
+    c.trainer.max_tokens_per_micro_batch = 81920
     c.trainer.total_steps = 300
     return apply_ablation(c, stages[0] if stages else "dapo")

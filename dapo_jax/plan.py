@@ -283,7 +283,8 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq: int, tensor: int, remat: 
     """Activations one device keeps for the backward pass over all layers, for `rows` sequences.
 
     `full` keeps each layer's input; `dots` also keeps the projection outputs (q/k/v/o, gate, up,
-    down); `none` keeps every intermediate, dominated by the [heads, T, T] attention scores.
+    down); `none` keeps every intermediate, dominated by the [heads, T, T] attention scores. Layer
+    inputs are split over `tensor` along the sequence (the "act_seq" sharding rule) when it divides.
     """
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     h = cfg.num_heads // _divides(cfg.num_heads, tensor)
@@ -291,7 +292,7 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq: int, tensor: int, remat: 
     f_dev = f // _divides(f, tensor)
     a = np.dtype(jnp_dtype(cfg.dtype)).itemsize
     per_token = {
-        "full": d * a,
+        "full": d * a // _divides(seq, tensor),
         "dots": (2 * d + (h + 2 * k) * hd + h * hd + 2 * f_dev) * a,
         "none": (4 * d + 2 * (h + 2 * k) * hd + 4 * f_dev) * a + h * seq * (4 + a),
     }[remat]

@@ -216,7 +216,7 @@ def _layer(cfg: ModelConfig, mesh: Mesh | None, rules, h: jax.Array, lp: Params,
     act = with_logical_constraint(jax.nn.silu(proj(x, "gate_kernel")) * proj(x, "up_kernel"),
                                   ("batch", "seq", "mlp"), mesh, rules)
     h = h + proj(act, "down_kernel")
-    h = with_logical_constraint(h, ("batch", "seq", "act_embed"), mesh, rules)
+    h = with_logical_constraint(h, ("batch", "act_seq", "act_embed"), mesh, rules)
     return h, aux
 
 
@@ -255,7 +255,7 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
         attention_mask = jnp.ones((b, t), jnp.int32)
     attention_mask = attention_mask.astype(jnp.int32)
     h = jnp.take(params["embed"], input_ids, axis=0).astype(dt)
-    h = with_logical_constraint(h, ("batch", "seq", "act_embed"), mesh, rules)
+    h = with_logical_constraint(h, ("batch", "act_seq", "act_embed"), mesh, rules)
     layers = params["layers"]
 
     if cache is None:

@@ -20,6 +20,11 @@ MESH_AXES = ("data", "fsdp", "tensor")
 DEFAULT_RULES: dict[str, Any] = {
     "batch": ("data", "fsdp"),
     "seq": None,
+    # The residual stream between layers, sequence-parallel over `tensor` (Megatron-style): the
+    # activations remat keeps for the backward pass are the layer inputs, and without this every
+    # tensor-parallel device would hold a full copy of them. Rows too short to split (decode)
+    # stay replicated.
+    "act_seq": "tensor",
     "act_embed": None,
     "act_heads": "tensor",
     "act_kv_heads": "tensor",
