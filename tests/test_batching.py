@@ -1,0 +1,89 @@
+"""Token-budget micro-batches (`batching.pack_minibatch`): every trained sample packed exactly once,
+shapes drawn from a few buckets, ranks balanced, and the mini-batch's exact counts."""
+
+import numpy as np
+import pytest
+
+from dapo_jax.training import batching
+
+
+def _samples(rng, n, max_prompt, max_response):
+    prompts = [rng.integers(3, 100, size=rng.integers(1, max_prompt + 1)) for _ in range(n)]
+    responses = [rng.integers(3, 100, size=rng.integers(0, max_response + 1)) for _ in range(n)]
+    logprobs = np.zeros((n, max_response), np.float32)
+    for i, r in enumerate(responses):
+        logprobs[i, :len(r)] = -rng.random(len(r))
+    return prompts, responses, logprobs
+
+
+def test_layout_buckets_halve_and_keep_the_budget():
+    layout = batching.packing_layout(2048 + 20480, 90112, num_ranks=8, num_buckets=3)
+    assert layout.buckets == ((5632, 16), (11264, 8), (22528, 4))
+    assert all(rows * length <= 90112 for length, rows in layout.buckets)
+    assert layout.bucket_for(5000) == (5632, 16) and layout.bucket_for(5633) == (11264, 8)
+    with pytest.raises(ValueError, match="max_tokens_per_micro_batch=1000 cannot hold"):
+        batching.packing_layout(2000, 1000, num_ranks=1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_trained_sample_is_packed_once_and_ranks_are_balanced(seed):
+    rng = np.random.default_rng(seed)
+    n, max_prompt, max_response, ranks = 64, 12, 40, 4
+    prompts, responses, logprobs = _samples(rng, n, max_prompt, max_response)
+    advantages = rng.normal(size=n).astype(np.float32)
+    in_loss = (rng.random(n) > 0.2).astype(np.int8)
+    layout = batching.packing_layout(max_prompt + max_response, 2 * 64, ranks, num_buckets=3)
+    pm = batching.pack_minibatch(prompts, responses, logprobs, advantages, in_loss, layout,
+                                 pad_id=0)
+    f = pm.fields
+    rows_per_rank = dict((length, rows) for length, rows in layout.buckets)[pm.row_length]
+    assert f["input_ids"].shape == (pm.num_micro, ranks * rows_per_rank, pm.row_length)
+    trained = [i for i in range(n) if in_loss[i] and len(responses[i])]
+    # The exact counts of the mini-batch: response tokens in the loss and samples with any.
+    assert pm.token_count == sum(len(responses[i]) for i in trained)
+    assert pm.seq_count == len(trained)
+    assert f["response_mask"].sum() == pm.token_count
+    # Each trained sample appears once, contiguous, with restarting positions and its values.
+    seen = {}
+    ids, seg, pos = (x.reshape(-1, pm.row_length) for x in (f["input_ids"], f["segment_ids"],
+                                                           f["positions"]))
+    lp, adv = (x.reshape(-1, pm.row_length) for x in (f["rollout_logprobs"], f["advantages"]))
+    for r in range(ids.shape[0]):
+        for s in set(seg[r][seg[r] > 0].tolist()):
+            cols = np.flatnonzero(seg[r] == s)
+            assert np.array_equal(cols, np.arange(cols[0], cols[-1] + 1))
+            assert np.array_equal(pos[r, cols], np.arange(len(cols)))
+            seen[tuple(ids[r, cols].tolist())] = (lp[r, cols], adv[r, cols])
+    assert len(seen) == len(trained)
+    for i in trained:
+        key = tuple(np.concatenate([prompts[i], responses[i]]).tolist())
+        lp_i, adv_i = seen[key]
+        assert np.allclose(lp_i[len(prompts[i]):], logprobs[i, :len(responses[i])])
+        assert np.allclose(adv_i, advantages[i])
+    # Longest-first spreading: no rank holds much more than the mean.
+    assert pm.rank_tokens.sum() == sum(len(prompts[i]) + len(responses[i]) for i in trained)
+    assert pm.rank_tokens.max() / pm.rank_tokens.mean() < 1.5
+    assert 0 < pm.fill <= 1
+
+
+def test_shapes_come_from_the_buckets_whatever_the_lengths():
+    rng = np.random.default_rng(0)
+    layout = batching.packing_layout(64, 256, num_ranks=2, num_buckets=3)
+    shapes = set()
+    for trial in range(20):
+        cap = int(rng.integers(2, 49))
+        prompts, responses, logprobs = _samples(rng, 16, 16, cap)
+        pm = batching.pack_minibatch(prompts, responses, logprobs, np.ones(16), np.ones(16),
+                                     layout, pad_id=0)
+        shapes.add(pm.fields["input_ids"].shape[1:])
+    assert shapes <= {(2 * rows, length) for length, rows in layout.buckets}
+    assert len(shapes) > 1  # short and long mini-batches use different buckets
+
+
+def test_nothing_to_train_gives_one_empty_micro_batch():
+    layout = batching.packing_layout(32, 64, num_ranks=2)
+    pm = batching.pack_minibatch([np.array([5, 6])], [np.array([7, 8, 9])],
+                                 np.zeros((1, 3), np.float32), np.ones(1), np.zeros(1), layout,
+                                 pad_id=0)
+    assert pm.num_micro == 1 and pm.token_count == 0 and pm.seq_count == 0
+    assert not pm.fields["response_mask"].any()
