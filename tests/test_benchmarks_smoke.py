@@ -5,6 +5,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import common, model_step, rollout_throughput
@@ -126,3 +127,37 @@ def test_shape_flop_count_equals_xla_cost_analysis_of_tied_forward():
     expected = common.forward_flops_per_token(cfg, attended_keys=t) * b * t
     # Elementwise work (norms, rope, softmax, silu) is the small remainder XLA also counts.
     assert expected <= cost["flops"] <= 1.03 * expected
+
+
+def test_train_throughput_smoke_compares_padded_and_packed(capsys, tmp_path):
+    from benchmarks import train_throughput
+    out_json = tmp_path / "train_throughput.json"
+    train_throughput.main(["--smoke", "--json", str(out_json)])
+    text = capsys.readouterr().out
+    assert common.table_headers(text) == [
+        ["layout", "row tokens", "micro-batches", "computed tokens", "compile s", "old log-prob s",
+         "update s", "useful tokens/s", "peak GiB", "MFU (useful)"],
+        ["row tokens", "blockwise GiB", "dense GiB"],
+    ]
+    r = json.loads(out_json.read_text())
+    padded, packed = r["results"]["padded"], r["results"]["packed"]
+    # Padding computes every sample at the maximum; packing computes fewer tokens for the same ones.
+    assert padded["computed_tokens"] == r["config"]["samples"] * r["config"]["max_len"]
+    assert r["useful_tokens"] <= packed["computed_tokens"] < padded["computed_tokens"]
+    assert packed["fill"] == pytest.approx(r["useful_tokens"] / packed["computed_tokens"])
+    for x in (padded, packed):
+        assert x["useful_tokens_per_s"] == pytest.approx(
+            r["useful_tokens"] / (x["old_logprob_s"] + x["update_s"]))
+    assert r["ratio"] == pytest.approx(packed["useful_tokens_per_s"] / padded["useful_tokens_per_s"])
+    # Both layouts optimise the same loss on the same samples (same weights, same old log-probs).
+    assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-4, abs=1e-6)
+    assert {m["row_length"] for m in r["memory_scaling"]} == {64, 128}
+
+
+def test_dapo_lengths_follow_the_requested_shape():
+    from benchmarks import train_throughput
+    rng = np.random.default_rng(0)
+    lengths = train_throughput.dapo_lengths(4000, 1920, 0.25, 0.05, rng)
+    assert lengths.min() >= 1 and lengths.max() == 1920
+    assert np.mean(lengths == 1920) == pytest.approx(0.05, abs=0.005)
+    assert 0.18 * 1920 < lengths.mean() < 0.32 * 1920
