@@ -7,8 +7,9 @@ when the persistent compilation cache spares it the XLA time.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from dapo_jax.training.trainer import Trainer
+from dapo_jax.training.trainer import Trainer, _Timer
 from tests.compile_counter import count_compiles
 from tests.test_trainer import small_config, text_hash_scores
 
@@ -35,8 +36,11 @@ def test_training_steps_rollouts_and_evaluations_after_warmup_compile_nothing(tm
     # Dynamic sampling off: one generation batch per step, so every step runs the same programs.
     # 2 prompts x 4 samples (train) and 4 problems x 2 samples (eval) fit the 16 decode slots at
     # once, so every insert has the same width; the toy prompts all fall in one prefill bucket.
+    # One packed row length, so every step's update uses the same programs whatever the sampled
+    # lengths (the per-bucket bound is the next test's).
     c = small_config(**{"data.val": ["toy"], "eval.n": 2, "eval.max_problems": 4,
-                        "algo.dynamic_sampling.enable": False, "trainer.gen_batch_size": 2})
+                        "algo.dynamic_sampling.enable": False, "trainer.gen_batch_size": 2,
+                        "trainer.packing_row_buckets": 1})
     tr = Trainer(c, str(tmp_path), progress=False, reward_fn=text_hash_scores)
     with count_compiles() as warmup:
         tr.train_step()  # rollout, old log-probs, updates, driver.update_params
@@ -57,3 +61,43 @@ def test_training_steps_rollouts_and_evaluations_after_warmup_compile_nothing(tm
     assert steps.total == 0, f"training steps 2 and 3: {steps}"
     assert evaluation.total == 0, f"second evaluation: {evaluation}"
     assert rollout.total == 0, f"rollout after the evaluation: {rollout}"
+
+
+def test_packed_updates_build_one_program_per_row_bucket(tmp_path):
+    """Mini-batches of any lengths reuse the programs of their row bucket: after one update per
+    bucket, updates of new lengths compile nothing."""
+    c = small_config()
+    tr = Trainer(c, str(tmp_path), progress=False, reward_fn=text_hash_scores)
+    n, R = c.trainer.mini_batch_size, tr.R
+    rng = np.random.default_rng(0)
+
+    def batch(prompt_len: int, response_len: int) -> dict:
+        lengths = np.minimum(rng.integers(1, response_len + 1, size=n), R)
+        lengths[0] = response_len  # the longest sample picks the bucket
+        out = {"prompt_ids": np.full((n, tr.P), 0, np.int32),
+               "prompt_mask": np.zeros((n, tr.P), np.int32),
+               "response_ids": rng.integers(3, 60, size=(n, R)).astype(np.int32),
+               "response_mask": (np.arange(R)[None] < lengths[:, None]).astype(np.int32),
+               "rollout_logprobs": np.full((n, R), -1.0, np.float32),
+               "advantages": rng.normal(size=n).astype(np.float32), "in_loss": np.ones(n, np.int8)}
+        out["prompt_ids"][:, tr.P - prompt_len:] = rng.integers(3, 60, size=(n, prompt_len))
+        out["prompt_mask"][:, tr.P - prompt_len:] = 1
+        return out
+
+    buckets = [length for length, _ in tr.layout.buckets]
+    assert len(buckets) == 3
+    # Longest sample 12, 22 and 52 tokens: one mini-batch in each bucket (16, 32, 64 tokens).
+    first = [batch(10, 2), batch(10, 12), batch(40, R)]
+    assert [tr.layout.bucket_for(int(b["prompt_mask"][0].sum() + b["response_mask"][0].sum()))[0]
+            for b in first] == buckets
+    with count_compiles() as warmup:
+        for b in first:
+            tr._update_packed(b, _Timer())
+    assert warmup.compiles, str(warmup)
+    with count_compiles() as later:
+        for b in (batch(9, 3), batch(8, 11), batch(30, R - 1), batch(40, R)):
+            tr._update_packed(b, _Timer())
+    tr.close()
+    assert later.total == 0, f"new lengths in known buckets: {later}"
+    assert tr.grad_fn._cache_size() == len(buckets)
+    assert tr.packed_logprob_fn._cache_size() == len(buckets)

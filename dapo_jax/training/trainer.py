@@ -470,7 +470,9 @@ class Trainer:
         train_tokens = float(batch["prompt_mask"].sum() + batch["response_mask"].sum())
         m.update(reporting.throughput_metrics(
             timing=timer, decode_tokens=decode_tokens, train_tokens=train_tokens,
-            flops_per_token=self.model_cfg.flops_per_token(self.P + self.R),
+            # Attention FLOPs follow the samples' mean length (what packed rows attend over).
+            flops_per_token=self.model_cfg.flops_per_token(
+                max(1, round(train_tokens / max(len(batch["response_mask"]), 1)))),
             peak_flops=self.peak_flops, num_devices=jax.device_count()))
         return m
 
