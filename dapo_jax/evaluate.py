@@ -30,59 +30,34 @@ log = logging.getLogger(__name__)
 def _load_checkpoint(path: str, step: int | None, config, mesh):
     """(params, model_config, tokenizer source) from a HF directory, .gguf file, Hub id or a training
     workdir."""
-    import jax
-    from etils import epath
-    from flax import nnx
-
     from dapo_jax import models
-    from dapo_jax.models.config import ModelConfig
     from dapo_jax.models import sources
-    from dapo_jax.training.checkpointing import CHECKPOINT_DIR, CheckpointStore
+    from dapo_jax.training import checkpointing, run_record
 
-    from dapo_jax.training import run_record
-
-    # Orbax needs absolute paths; gs:// paths already are.
-    p = epath.Path(path if "://" in path else os.path.abspath(path))
     m = config.model
-    if not (p / CHECKPOINT_DIR).exists():  # a HF directory, a .gguf file or a Hub id
+    if not checkpointing.is_workdir(path):  # a HF directory, a .gguf file or a Hub id
         try:
             source = sources.resolve(path)
         except FileNotFoundError as e:
-            raise MissingFileError(f"--checkpoint {path}: not a training workdir ({CHECKPOINT_DIR}/"
-                                   f") either. {e}") from e
+            raise MissingFileError(f"--checkpoint {path}: not a training workdir "
+                                   f"({checkpointing.CHECKPOINT_DIR}/) either. {e}") from e
         model, cfg = models.load_pretrained(source.local, dtype=m.param_dtype, mesh=mesh,
                                             compute_dtype=m.dtype, remat="none",
                                             scan_layers=m.scan_layers)
         return model.params(), cfg, source.local
-    store = CheckpointStore(p)
-    steps = store.all_steps()
-    if not steps:
-        raise MissingFileError(f"--checkpoint {path}: {store.directory} holds no complete "
-                               "checkpoint (the run stopped before its first save); train longer or "
-                               "pass another --checkpoint")
-    step = max(steps) if step is None else step
-    if step not in steps:
-        raise UserError(f"--step {step} not in {store.directory}; available steps: {steps}")
-    fields = dict(store.read_meta(step)["model_config"])
-    fields.update(dtype=m.dtype, remat="none", scan_layers=m.scan_layers)
-    cfg = ModelConfig(**fields)
-    abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        jax.eval_shape(lambda: models.Qwen2(cfg, rngs=nnx.Rngs(0)).params()),
-        models.param_shardings(cfg, mesh))
-    params = store.restore_params(step, abstract)
-    store.close()
+    params, cfg, step = checkpointing.restore_workdir_params(
+        path, step, mesh, flag="--checkpoint", dtype=m.dtype, remat="none",
+        scan_layers=m.scan_layers)
     # The config's tokenizer when set, else the one the run recorded, else (older workdirs) the toy
     # tokenizer the run built or model.path.
-    tok = (config.tokenizer.path or run_record.recorded_tokenizer(p)
-           or (os.fspath(p / "toy_tokenizer") if (p / "toy_tokenizer").exists()
-               else config.model.path))
+    tok = (config.tokenizer.path or run_record.workdir_tokenizer(checkpointing.workdir_path(path))
+           or config.model.path)
     if not tok:
         raise MissingFileError(
             f"--checkpoint {path}: the workdir records no tokenizer (run/tokenizer/ is missing: the "
             "run predates run records); pass --config.tokenizer.path=DIR (a folder with "
             "tokenizer.json)")
-    log.info("loaded step %d from %s", step, store.directory)
+    log.info("loaded step %d from %s", step, path)
     return params, cfg, tok
 
 
@@ -149,6 +124,10 @@ def run(config, *, checkpoint: str | None, step: int | None, responses: str | No
         return _score_responses(config, responses, out, cache_dir, allow_partial=allow_partial)
     if not checkpoint:
         raise UserError("give --checkpoint (HF dir or training workdir) or --responses FILE")
+    import jax
+
+    from dapo_jax.runtime.mesh_config import mesh_sizes
+    mesh_sizes(config.mesh, jax.device_count())  # a mesh that does not tile the devices: UserError
     mesh = experiment.mesh_from_config(config)
     params, cfg, tok_dir = _load_checkpoint(checkpoint, step, config, mesh)
     # The checkpoint decides the architecture; the config decides everything else, as in training.

@@ -342,3 +342,77 @@ def test_user_errors_exit_2_with_one_paragraph(capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == ("error: Invalid config: config.a: must be 1; config.b: must "
                                        "be 2\n")
+
+
+# ------------------------------------------------------------------------------ checkpoints and mesh
+def tiny_gguf(path: pathlib.Path, *, drop: str) -> pathlib.Path:
+    """A one-layer Qwen2 GGUF file (float32, random) without the tensor named `drop`."""
+    import gguf
+    vocab, hidden, heads, kv_heads, head_dim, ffn = 32, 16, 2, 1, 8, 24
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    for key, value in (("embedding_length", hidden), ("feed_forward_length", ffn),
+                       ("block_count", 1), ("attention.head_count", heads),
+                       ("attention.head_count_kv", kv_heads), ("context_length", 64),
+                       ("vocab_size", vocab)):
+        w.add_uint32(f"qwen2.{key}", value)
+    w.add_float32("qwen2.attention.layer_norm_rms_epsilon", 1e-6)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,),
+              "blk.0.attn_norm.weight": (hidden,), "blk.0.ffn_norm.weight": (hidden,),
+              "blk.0.attn_q.weight": (heads * head_dim, hidden),
+              "blk.0.attn_k.weight": (kv_heads * head_dim, hidden),
+              "blk.0.attn_v.weight": (kv_heads * head_dim, hidden),
+              "blk.0.attn_q.bias": (heads * head_dim,), "blk.0.attn_k.bias": (kv_heads * head_dim,),
+              "blk.0.attn_v.bias": (kv_heads * head_dim,),
+              "blk.0.attn_output.weight": (hidden, heads * head_dim),
+              "blk.0.ffn_gate.weight": (ffn, hidden), "blk.0.ffn_up.weight": (ffn, hidden),
+              "blk.0.ffn_down.weight": (hidden, ffn)}
+    for name, shape in shapes.items():
+        if name != drop:
+            w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_file_missing_a_tensor_names_the_file_and_the_tensor(tmp_path):
+    path = tiny_gguf(tmp_path / "model.gguf", drop="blk.0.ffn_down.weight")
+    user_error(cli("evaluate", *TOY, "--checkpoint", path, "--out", tmp_path / "out"),
+               str(path), "'blk.0.ffn_down.weight'", "model.layers.0.mlp.down_proj.weight",
+               "convert or download it again")
+
+
+def test_mesh_that_does_not_tile_the_devices_names_the_mesh_fields(tmp_path):
+    # configs/toy.py runs on mesh.num_devices=1: a tensor axis of 2 cannot fit.
+    user_error(cli("evaluate", *TOY, "--config.mesh.fsdp=1", "--config.mesh.tensor=2",
+                   "--checkpoint", tmp_path / "hf", "--out", tmp_path / "out"),
+               "mesh.tensor=2", "config.mesh.num_devices=1", "lower the mesh.* sizes")
+
+
+def test_export_needs_an_existing_workdir(tmp_path):
+    missing = tmp_path / "no_run"
+    user_error(cli("export", "--workdir", missing, "--out", tmp_path / "hf"),
+               f"--workdir {missing}", "does not exist")
+
+
+def test_export_of_a_workdir_without_checkpoints(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    user_error(cli("export", "--workdir", tmp_path / "run", "--out", tmp_path / "hf"),
+               "holds no complete checkpoint", "before its first save")
+
+
+def test_export_of_an_unknown_step_lists_the_available_ones(tmp_path):
+    from dapo_jax.training.checkpointing import CheckpointStore
+    store = CheckpointStore(tmp_path / "run")
+    for step in (2, 4):  # a stand-in checkpoint: the step check comes before any array is read
+        store.save(step, params={"w": np.zeros(2, np.float32)},
+                   opt_state={"m": np.zeros(2, np.float32)}, arrays={}, meta={"step": step})
+    store.close()
+    user_error(cli("export", "--workdir", tmp_path / "run", "--step", "3", "--out", tmp_path / "hf"),
+               "--step 3", "available steps: [2, 4]")
+
+
+def test_export_needs_exactly_one_source(tmp_path):
+    user_error(cli("export", "--out", tmp_path / "hf"), "--workdir", "--model")

@@ -71,6 +71,29 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
+def gguf_name(hf_tensor_name: str) -> str:
+    """The GGUF tensor name of a HF tensor name (inverse of `hf_name`; the HF name when unknown)."""
+    for g, h in _TOP_NAMES.items():
+        if h == hf_tensor_name:
+            return g
+    if hf_tensor_name.startswith("model.layers."):
+        _, _, layer, suffix = hf_tensor_name.split(".", 3)
+        for g, h in _LAYER_NAMES.items():
+            if h == suffix:
+                return f"blk.{layer}.{g}"
+    return hf_tensor_name
+
+
+def missing_tensor_error(path: str | os.PathLike, hf_names: list[str]) -> UserError:
+    """The user error for a GGUF file that lacks tensors the model needs (HF names given)."""
+    first = hf_names[0]
+    more = f" (and {len(hf_names) - 1} more)" if len(hf_names) > 1 else ""
+    return UserError(f"{os.fspath(path)}: the GGUF file has no tensor {gguf_name(first)!r} ({first} "
+                     f"in Hugging Face naming){more}, which its metadata's architecture needs: the "
+                     "file is incomplete or was converted from another model; convert or download "
+                     "it again")
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The HF config.json dict of the model in a GGUF file (what `from_hf_config` reads)."""
     r = _reader(os.fspath(path))
@@ -81,7 +104,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     names = {t.name: t for t in r.tensors}
     embed = names.get("token_embd.weight")
     if embed is None:
-        raise KeyError(f"{path}: no token_embd.weight tensor in the GGUF file")
+        raise missing_tensor_error(path, ["model.embed_tokens.weight"])
     hidden = int(_field(r, f"{arch}.embedding_length"))
     heads = int(_field(r, f"{arch}.attention.head_count"))
     kv_heads = int(_field(r, f"{arch}.attention.head_count_kv", heads))
@@ -150,7 +173,7 @@ class GGUFTensors:
     @functools.lru_cache(maxsize=2)  # the shards of one tensor are read one after another
     def get(self, name: str) -> np.ndarray:
         if name not in self._tensors:
-            raise KeyError(f"{self.path}: tensor {name} is not in the GGUF file")
+            raise missing_tensor_error(self.path, [name])
         gguf = _require_gguf()
         t = self._tensors[name]
         # GGUF lists dims fastest-first, so the numpy shape is HF's torch shape ([out, in]).

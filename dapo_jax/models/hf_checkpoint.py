@@ -1,7 +1,8 @@
 """Hugging Face checkpoint <-> sharded NNX model: load straight into shardings, export back.
 
-Loading never builds the model on one host: every device shard is read from the memory-mapped
-safetensors files by `jax.make_array_from_callback`, slicing only the rows/columns it owns.
+Loading never builds the model on one host: every device shard is read from the safetensors files
+(memory-mapped when local, byte ranges through gcsfs when on gs://), slicing only the rows/columns it
+owns; each layer's tensor is opened once for all of a host's devices.
 """
 
 from __future__ import annotations
@@ -178,23 +179,47 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", mesh: Me
 
     def build(name: str, hf_name: str | Callable[[int], str], kind: str, shape: tuple,
               stacked: bool) -> jax.Array:
-        def callback(index):
-            idx = _norm(index, shape)
-            if not stacked:
-                return _read(reader.get(hf_name), kind, idx, shape).astype(target)
-            per_layer = [_read(reader.get(hf_name(i)), kind, idx[1:], shape[1:])
-                         for i in range(idx[0].start, idx[0].stop)]
-            return np.stack(per_layer).astype(target)
-
         sharding = shardings["layers"][name] if stacked else shardings[name]
-        return jax.make_array_from_callback(shape, sharding, callback)
+        if not stacked:
+            return jax.make_array_from_callback(
+                shape, sharding,
+                lambda index: _read(reader.get(hf_name), kind, _norm(index, shape), shape
+                                    ).astype(target))
+        # Stacked layers, layer by layer: each layer's tensor is opened once for all of this host's
+        # devices, so a remote (ranged) read or a GGUF dequantisation happens once per layer, not
+        # once per device, whichever axis the devices split.
+        indices = {d: _norm(idx, shape)
+                   for d, idx in sharding.addressable_devices_indices_map(shape).items()}
+        local = {d: np.empty([s.stop - s.start for s in idx], target)
+                 for d, idx in indices.items()}
+        for i in range(shape[0]):
+            users = [d for d, idx in indices.items() if idx[0].start <= i < idx[0].stop]
+            if users:
+                tensor = reader.get(hf_name(i))
+                for d in users:
+                    local[d][i - indices[d][0].start] = _read(tensor, kind, indices[d][1:],
+                                                              shape[1:])
+        return jax.make_array_from_single_device_arrays(
+            shape, sharding, [jax.device_put(local[d], d) for d in indices])
 
+    # Every tensor the config's architecture needs, checked before any is read.
+    needed = [hf for name, (hf, _) in _TOP_MAP.items() if name in shapes]
+    needed += [_LAYER.format(i=i) + _LAYER_MAP[name][0] for name in shapes["layers"]
+               for i in range(cfg.num_layers)]
+    missing = [n for n in needed if n not in reader]
+    if missing and source.is_gguf:
+        raise gguf_checkpoint.missing_tensor_error(source.local, missing)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        why = (" (config.json has tie_word_embeddings=false)" if missing[0] == "lm_head.weight"
+               else "")
+        raise UserError(f"{path}: the checkpoint has no tensor {missing[0]!r}{why}{more}, which its "
+                        "config.json's architecture needs: the safetensors files are incomplete or "
+                        "from another model; download the checkpoint again")
     params: Params = {"layers": {}}
     for name, (hf_name, kind) in _TOP_MAP.items():
         if name not in shapes:
             continue
-        if name == "lm_head" and hf_name not in reader:
-            raise KeyError(f"{path}: config has tie_word_embeddings=false but lm_head.weight is missing")
         params[name] = build(name, hf_name, kind, shapes[name], stacked=False)
     for name, shape in shapes["layers"].items():
         suffix, kind = _LAYER_MAP[name]
@@ -230,11 +255,15 @@ def hf_state_dict(params: Params, cfg: ModelConfig, dtype: str | None = None
 
 def save_pretrained(model: Qwen2 | Params, model_config: ModelConfig, path: str | os.PathLike, *,
                     dtype: str | None = None, max_shard_bytes: int = 4 * 2**30,
-                    tokenizer_dir: str | os.PathLike | None = None) -> None:
-    """Writes a HF checkpoint directory that `AutoModelForCausalLM.from_pretrained` loads.
+                    tokenizer_dir: str | os.PathLike | None = None,
+                    generation_config: Mapping[str, Any] | None = None) -> None:
+    """Writes a HF checkpoint directory (local or gs://) that `AutoModelForCausalLM.from_pretrained`
+    loads.
 
     Tensors are written in `dtype` (default: the dtype the checkpoint was loaded from), split into
     files of at most `max_shard_bytes` with an index; only process 0 writes (all hosts gather).
+    `tokenizer_dir` (a folder or .gguf file) supplies the tokenizer files and `generation_config`
+    the generation_config.json (e.g. every stop token as `eos_token_id`, see `dapo_jax.export`).
     """
     params = model.params() if isinstance(model, Qwen2) else model
     tensors = hf_state_dict(params, model_config, dtype)
@@ -265,6 +294,9 @@ def save_pretrained(model: Qwen2 | Params, model_config: ModelConfig, path: str 
     hf_cfg["torch_dtype"] = out_dtype
     with open(os.path.join(local, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
+    if generation_config is not None:
+        with open(os.path.join(local, "generation_config.json"), "w") as f:
+            json.dump(dict(generation_config), f, indent=2)
     if tokenizer_dir is not None and sources.is_gguf_path(tokenizer_dir):
         gguf_checkpoint.load_tokenizer(sources.resolve(tokenizer_dir).local).save_pretrained(local)
     elif tokenizer_dir is not None:

@@ -1,10 +1,13 @@
 """Where a `model.path` points: a local or remote HF directory, a GGUF file, or a Hugging Face Hub id.
 
-`resolve(path)` turns any of them into a `Source` on local disk, so the loaders (`load_pretrained`,
-`read_hf_config`, `load_tokenizer`, `evaluate --checkpoint`) accept the same strings:
+`resolve(path)` turns any of them into a `Source` the loaders can read, so the loaders
+(`load_pretrained`, `read_hf_config`, `load_tokenizer`, `evaluate --checkpoint`, `export --model`)
+accept the same strings:
 
-  /ckpt/qwen2.5-7b, gs://bucket/ckpt   HF directory (config.json + *.safetensors); remote ones are copied
-  /models/qwen.gguf, gs://.../x.gguf   a GGUF file (llama.cpp), read with the `gguf` library
+  /ckpt/qwen2.5-7b, gs://bucket/ckpt   HF directory (config.json + *.safetensors); remote ones are read
+                                       in place (safetensors headers, then each host's byte ranges)
+  /models/qwen.gguf, gs://.../x.gguf   a GGUF file (llama.cpp), read with the `gguf` library (remote
+                                       ones are copied to local disk: the reader memory-maps the file)
   Qwen/Qwen2.5-7B                      a Hub repository, resolved into the Hugging Face cache
   Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q8_0.gguf   one GGUF file of a Hub repository
 
@@ -31,10 +34,10 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.ti
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """A checkpoint on local disk: `kind` is 'hf' (a directory) or 'gguf' (a file)."""
+    """A readable checkpoint: `kind` is 'hf' (a directory) or 'gguf' (a file)."""
 
     kind: str
-    local: str  # the local directory (hf) or file (gguf)
+    local: str  # where the loaders read it: a directory (hf; local or gs://) or a local file (gguf)
     origin: str  # what the user wrote
 
     @property
@@ -44,14 +47,6 @@ class Source:
 
 def is_gguf_path(path: str | os.PathLike) -> bool:
     return os.fspath(path).lower().endswith(".gguf")
-
-
-def _copy_remote_dir(p: epath.Path) -> str:
-    local = tempfile.mkdtemp(prefix="dapo_jax_ckpt_")
-    for f in p.iterdir():
-        if f.is_file():
-            f.copy(epath.Path(local) / f.name)
-    return local
 
 
 def _copy_remote_file(p: epath.Path) -> str:
@@ -118,7 +113,7 @@ def resolve(path: str | os.PathLike) -> Source:
             ggufs = [f for f in p.iterdir() if is_gguf_path(f.name)]
             if len(ggufs) == 1:
                 return resolve(os.fspath(ggufs[0]))
-        return Source("hf", _copy_remote_dir(p) if remote else text, text)
+        return Source("hf", text, text)  # remote: read in place (safetensors_io.RangedTensor)
     if not remote and not os.path.isabs(text) and not text.startswith("."):
         repo_and_rev, _, _ = text.partition("@")
         parts = repo_and_rev.split("/")

@@ -2,8 +2,8 @@
 
 Code at the boundaries (config validation, data, model and tokenizer loading, workdir and resume
 checks, responses files, topologies) raises a `UserError` (or `data_pipeline.DataError`) whose
-message names the field or file and the fix. The entry points (`train`, `evaluate`, `plan`, `demo`)
-run through `run_cli`: such an error prints `error: <message>` on stderr and exits with status 2;
+message names the field or file and the fix. The entry points (`train`, `evaluate`, `export`, `plan`,
+`demo`) run through `run_cli`: such an error prints `error: <message>` on stderr and exits with status 2;
 any other exception keeps its traceback, since it is a bug. `--verbose` shows the traceback of user
 errors too.
 """

@@ -4,6 +4,9 @@
 `accumulator` (the dynamic-sampling groups carried to the next step, host arrays) and `meta` (JSON:
 step, data-iterator state, accumulator scalars, model config). A step directory exists only once
 all four are written, so a kill at any moment leaves the previous step restorable.
+
+`find_step` and `restore_workdir_params` are how the readers of a finished (or running) workdir,
+`evaluate --checkpoint WORKDIR` and `export --workdir WORKDIR`, pick a step and load its parameters.
 """
 
 from __future__ import annotations
@@ -81,3 +84,73 @@ class CheckpointStore:
         """Waits for pending writes and releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+    """`workdir` as an absolute path (Orbax needs one; gs:// paths already are)."""
+    text = os.fspath(workdir)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+def is_workdir(workdir: str | os.PathLike) -> bool:
+    """Whether `workdir` holds a `checkpoints/` folder (a training workdir, not a HF directory)."""
+    return (workdir_path(workdir) / CHECKPOINT_DIR).exists()
+
+
+def find_step(workdir: str | os.PathLike, step: int | None, *, flag: str = "--workdir"
+              ) -> tuple[CheckpointStore, int]:
+    """(store, step): `step`, or the newest complete one when None, of a training workdir.
+
+    User errors (naming `flag`): the workdir does not exist, holds no complete checkpoint, or has no
+    checkpoint `step` (the message lists the steps it has).
+    """
+    from dapo_jax.runtime.cli_errors import MissingFileError, UserError
+
+    p = workdir_path(workdir)
+    if not p.exists():
+        raise MissingFileError(f"{flag} {workdir} does not exist: give the --workdir of a training "
+                               "run (local or gs://)")
+    if not (p / CHECKPOINT_DIR).exists():
+        raise MissingFileError(f"{flag} {workdir} has no {CHECKPOINT_DIR}/ folder: it is not a "
+                               "training workdir, or the run stopped before its first save")
+    store = CheckpointStore(p)
+    steps = store.all_steps()
+    if not steps:
+        store.close()
+        raise MissingFileError(f"{flag} {workdir}: {store.directory} holds no complete checkpoint "
+                               "(the run stopped before its first save); train longer or pass "
+                               "another workdir")
+    step = max(steps) if step is None else int(step)
+    if step not in steps:
+        store.close()
+        raise UserError(f"--step {step} not in {store.directory}; available steps: {steps}")
+    return store, step
+
+
+def restore_workdir_params(workdir: str | os.PathLike, step: int | None, mesh: Any, *,
+                           flag: str = "--workdir", **model_overrides: Any
+                           ) -> tuple[Any, Any, int]:
+    """(params, ModelConfig, step) of checkpoint `step` (default: latest) of a training workdir.
+
+    The architecture is the one the checkpoint recorded (its meta's model config); `model_overrides`
+    set run-time fields (dtype, remat, scan_layers). Parameters are placed on `mesh` by the model's
+    sharding rules.
+    """
+    from flax import nnx
+
+    from dapo_jax import models
+    from dapo_jax.models.config import ModelConfig
+
+    store, step = find_step(workdir, step, flag=flag)
+    try:
+        fields = dict(store.read_meta(step)["model_config"])
+        fields.update(model_overrides)
+        cfg = ModelConfig(**fields)
+        abstract = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            jax.eval_shape(lambda: models.Qwen2(cfg, rngs=nnx.Rngs(0)).params()),
+            models.param_shardings(cfg, mesh))
+        params = store.restore_params(step, abstract)
+    finally:
+        store.close()
+    return params, cfg, step

@@ -31,7 +31,7 @@ from etils import epath
 RUN_DIR = "run"
 TOKENIZER_DIR = "tokenizer"
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "tokenizers",
-            "ml_collections", "numpy", "etils", "tensorflow-datasets")
+            "ml_collections", "numpy", "etils", "tensorflow-datasets", "tensorstore", "gcsfs")
 # What a tokenizer directory holds (HF names); everything else there (weights) is not copied.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
@@ -130,6 +130,29 @@ def recorded_tokenizer(workdir: epath.PathLike) -> str | None:
     """The tokenizer copy of a workdir, if its run recorded one."""
     path = run_dir(workdir) / TOKENIZER_DIR
     return os.fspath(path) if (path / "tokenizer.json").exists() else None
+
+
+def recorded_config(workdir: epath.PathLike) -> dict[str, Any] | None:
+    """The resolved config (`run/config.json`) a workdir's run recorded, as a dict, or None."""
+    path = run_dir(workdir) / "config.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def workdir_tokenizer(workdir: epath.PathLike) -> str | None:
+    """Where a workdir's tokenizer is: the run record's copy, else (workdirs older than run
+    records) the toy tokenizer the run built, else None."""
+    toy = epath.Path(workdir) / "toy_tokenizer"
+    return recorded_tokenizer(workdir) or (os.fspath(toy) if (toy / "tokenizer.json").exists()
+                                           else None)
+
+
+def recorded_stop_tokens(workdir: epath.PathLike) -> list[str] | None:
+    """The `tokenizer.stop_tokens` the run sampled with (from its recorded config), or None."""
+    c = recorded_config(workdir)
+    tokens = (c or {}).get("tokenizer", {}).get("stop_tokens")
+    if tokens is None:
+        return None
+    return [t for t in (tokens.split(",") if isinstance(tokens, str) else tokens) if t]
 
 
 def wandb_settings(c: ml_collections.ConfigDict) -> dict[str, Any] | None:
