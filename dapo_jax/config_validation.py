@@ -7,6 +7,7 @@ import ml_collections
 from dapo_jax.algo import LOSS_AGG_MODES
 from dapo_jax.models.config import ATTENTION_IMPLEMENTATIONS, DTYPES, PRESETS, REMAT_POLICIES
 from dapo_jax.runtime.cli_errors import UserError
+from dapo_jax.runtime.mesh_config import mesh_sizes
 from dapo_jax.sampler.decode_layout import DECODE_LAYOUT_CHOICES
 
 
@@ -124,19 +125,17 @@ def _check_training(c: ml_collections.ConfigDict, num_devices: int | None, p: li
     _check(t.micro_batch_size >= 1 and t.mini_batch_size % max(t.micro_batch_size, 1) == 0,
            "trainer.micro_batch_size", f"must divide trainer.mini_batch_size ({t.mini_batch_size})", p)
     if num_devices:
-        n = c.mesh.num_devices or num_devices
-        _check(n <= num_devices, "mesh.num_devices", f"asks for {n} devices but {num_devices} exist", p)
-        fixed = [s for s in (c.mesh.data, c.mesh.fsdp, c.mesh.tensor) if s != -1]
-        known = 1
-        for s in fixed:
-            known *= s
-        sizes = {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor}
-        if -1 in sizes.values() and known and n % known == 0:
-            sizes = {k: (n // known if v == -1 else v) for k, v in sizes.items()}
-        dp = sizes["data"] * sizes["fsdp"]
-        _check(dp > 0 and t.micro_batch_size % dp == 0, "trainer.micro_batch_size",
-               f"must be a multiple of the data-parallel size data*fsdp = {dp} (mesh {sizes} on "
-               f"{n} devices): each device gets micro_batch_size / {dp} rows", p)
+        try:
+            sizes = mesh_sizes(c.mesh, num_devices)
+        except UserError as e:  # axes that cannot tile the devices: say so, not a size downstream
+            p.append(str(e))
+            sizes = None
+        if sizes is not None:
+            n = c.mesh.num_devices or num_devices
+            dp = sizes["data"] * sizes["fsdp"]
+            _check(t.micro_batch_size % dp == 0, "trainer.micro_batch_size",
+                   f"must be a multiple of the data-parallel size data*fsdp = {dp} (mesh {sizes} "
+                   f"on {n} devices): each device gets micro_batch_size / {dp} rows", p)
     _check(a.loss_agg_mode in LOSS_AGG_MODES, "algo.loss_agg_mode", f"must be one of {LOSS_AGG_MODES}",
            p)
     full = d.max_prompt_length + d.max_response_length

@@ -70,7 +70,8 @@ def _score_responses(config, responses: str, out: str, cache_dir, *, allow_parti
 
     problems_of: dict[str, list[dict]] = {}
     for spec in as_list(config.data.val):
-        records = ds_lib.load_records(spec, config, split="val", cache_dir=cache_dir)
+        records = ds_lib.load_records(spec, config, split="val", cache_dir=cache_dir,
+                                      shared=ds_lib.cache_is_shared(config, out))
         problems_of[ds_lib.dataset_name(spec)] = [{"id": str(r["id"]), "answer": r["ground_truth"]}
                                                   for r in records]
     dataset_of = {}
@@ -118,7 +119,8 @@ def run(config, *, checkpoint: str | None, step: int | None, responses: str | No
 
     normalize_lists(config)
     results: dict[str, Any] = {}
-    cache_dir = ds_lib.cache_dir(config, out)  # no workdir here: data.cache_dir, else <out>/tfds
+    # No workdir here: data.cache_dir, else <out>/tfds (a local cache when --out is on gs://).
+    cache_dir = ds_lib.cache_dir(config, out)
     boxed_fallback = bool(config.reward.get("boxed_fallback", False))
     if responses:
         return _score_responses(config, responses, out, cache_dir, allow_partial=allow_partial)
@@ -138,7 +140,8 @@ def run(config, *, checkpoint: str | None, step: int | None, responses: str | No
                            progress=progress)
     for spec in as_list(config.data.val):
         name = ds_lib.dataset_name(spec)
-        records = ds_lib.load_records(spec, config, split="val", cache_dir=cache_dir)
+        records = ds_lib.load_records(spec, config, split="val", cache_dir=cache_dir,
+                                      shared=ds_lib.cache_is_shared(config, out))
         if e.max_problems:
             records = records[:e.max_problems]
         summary, metrics = evaluate_records(

@@ -51,10 +51,30 @@ def dataset_name(spec: str) -> str:
     return epath.Path(spec).name.split(".")[0].replace("/", "_")
 
 
+# Where the cache goes when the workdir is on object storage (array_record writes local files only).
+LOCAL_CACHE = "~/.cache/dapo_jax/tfds"
+
+
+def _remote(path: epath.PathLike) -> bool:
+    return "://" in str(path)
+
+
 def cache_dir(c: ml_collections.ConfigDict, default_parent: epath.PathLike) -> epath.Path:
-    """The TFDS array_record cache folder: `data.cache_dir`, else `<default_parent>/tfds`."""
+    """The TFDS array_record cache folder: `data.cache_dir`, else `<default_parent>/tfds`, or, when
+    `default_parent` is on object storage (a gs:// workdir), the local LOCAL_CACHE, which every host
+    builds for itself (`cache_is_shared`)."""
     configured = c.data.get("cache_dir")
-    return epath.Path(configured) if configured else epath.Path(default_parent) / "tfds"
+    if configured:
+        return epath.Path(configured)
+    if _remote(default_parent):
+        return epath.Path(os.path.expanduser(LOCAL_CACHE))
+    return epath.Path(default_parent) / "tfds"
+
+
+def cache_is_shared(c: ml_collections.ConfigDict, default_parent: epath.PathLike) -> bool:
+    """Whether `cache_dir` is storage every host sees (built once by process 0): a configured
+    data.cache_dir or a local workdir's; False for the per-host local cache of a gs:// workdir."""
+    return bool(c.data.get("cache_dir")) or not _remote(default_parent)
 
 
 def tfds_source(spec: str, c: ml_collections.ConfigDict, *, split: str = "train"
@@ -78,26 +98,27 @@ def tfds_source(spec: str, c: ml_collections.ConfigDict, *, split: str = "train"
 
 
 def load_records(spec: str, c: ml_collections.ConfigDict, *, split: str = "train",
-                 cache_dir: epath.PathLike) -> dp.RecordDataSource:
+                 cache_dir: epath.PathLike, shared: bool = True) -> dp.RecordDataSource:
     """Records for `spec` (see `tfds_source`), read through the TFDS array_record cache in `cache_dir`.
 
     The first call builds `<cache_dir>/<name>/<config>/<version>/` from the source; later calls
     (later runs, resumes) reuse it. With several JAX processes, process 0 builds while the others
     wait at a barrier, then every process reads the same files; so every process must call this,
-    in the same order, and `cache_dir` must be storage they all share. The records come back in
-    source order, equal to what the parquet/JSONL readers or the toy generator produce.
+    in the same order, and `cache_dir` must be storage they all share. With `shared=False` (a
+    per-host local cache, `cache_is_shared`) every process builds its own copy instead. The records
+    come back in source order, equal to what the parquet/JSONL readers or the toy generator produce.
     """
     import jax  # deferred: resolving names and readers needs no JAX backend
     from jax.experimental import multihost_utils
 
     name, tfds_split, kwargs = tfds_source(spec, c, split=split)
     build_error: Exception | None = None
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 or not shared:
         try:
             dp.build_tfds_dataset(name, data_dir=cache_dir, **kwargs)
         except Exception as e:  # meet the others at the barrier first, so they stop instead of waiting
             build_error = e
-    if jax.process_count() > 1:
+    if jax.process_count() > 1 and shared:
         # Hosts that see different source bytes get different cache names: the barrier's name check
         # then fails on every host instead of one host reading a cache built from another file.
         variant = "/".join(dp.tfds_cache_dir(name, data_dir=cache_dir, **kwargs).parts[-3:])

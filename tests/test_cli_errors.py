@@ -391,6 +391,12 @@ def test_mesh_that_does_not_tile_the_devices_names_the_mesh_fields(tmp_path):
                "mesh.tensor=2", "config.mesh.num_devices=1", "lower the mesh.* sizes")
 
 
+def test_training_mesh_that_does_not_tile_the_devices_names_the_mesh_fields(tmp_path):
+    # mesh.tensor=3 on the toy config's one device: the mesh fields, not a derived batch size.
+    user_error(train(tmp_path, "--config.mesh.fsdp=1", "--config.mesh.tensor=3"),
+               "mesh.tensor=3", "lower the mesh.* sizes")
+
+
 def test_export_needs_an_existing_workdir(tmp_path):
     missing = tmp_path / "no_run"
     user_error(cli("export", "--workdir", missing, "--out", tmp_path / "hf"),

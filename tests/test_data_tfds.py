@@ -405,3 +405,21 @@ def test_two_real_jax_processes_build_once_and_both_read_the_cache(tmp_path):
     for i in range(2):
         assert _exact(json.loads((tmp_path / f"records_{i}.json").read_text())) == expected
     assert len(_array_record_files(tmp_path / "tfds")) == 2  # one build: a train and a heldout shard
+
+
+def test_cache_dir_is_local_per_host_when_the_workdir_is_on_object_storage(tmp_path):
+    import os
+
+    from configs import toy
+    from data_pipeline import datasets
+    c = toy.get_config()
+    # A local workdir: <workdir>/tfds, shared by the hosts that share the workdir.
+    assert datasets.cache_dir(c, tmp_path) == tmp_path / "tfds"
+    assert datasets.cache_is_shared(c, tmp_path)
+    # gs://: array_record writes local files only, so every host builds its own local cache.
+    assert str(datasets.cache_dir(c, "gs://bucket/run")) == os.path.expanduser(datasets.LOCAL_CACHE)
+    assert not datasets.cache_is_shared(c, "gs://bucket/run")
+    # A configured data.cache_dir always wins and is taken to be shared.
+    c.data.cache_dir = str(tmp_path / "shared")
+    assert datasets.cache_dir(c, "gs://bucket/run") == tmp_path / "shared"
+    assert datasets.cache_is_shared(c, "gs://bucket/run")

@@ -144,11 +144,11 @@ class Trainer:
         self.progress = sys.stderr.isatty() if progress is None else progress
         # Every dataset is read through its TFDS array_record cache (built once, by process 0).
         data_cache = datasets.cache_dir(c, self.workdir)
+        shared = datasets.cache_is_shared(c, self.workdir)
         self.train_records = datasets.load_records(c.data.train, c, split="train",
-                                                   cache_dir=data_cache)
-        self.val_sets = {datasets.dataset_name(v): datasets.load_records(v, c, split="val",
-                                                                         cache_dir=data_cache)
-                         for v in as_list(c.data.val)}
+                                                   cache_dir=data_cache, shared=shared)
+        self.val_sets = {datasets.dataset_name(v): datasets.load_records(
+            v, c, split="val", cache_dir=data_cache, shared=shared) for v in as_list(c.data.val)}
         self.exp = exp = experiment.build(c, workdir=self.workdir, train_records=self.train_records,
                                           validated=True)  # validated above, before the data
         self.mesh, self.model_cfg, self.tokenizer = exp.mesh, exp.model_config, exp.tokenizer
@@ -542,9 +542,14 @@ class Trainer:
             print(reporting.format_validation(step, m), flush=True)
 
     def export_hf(self, path: str | os.PathLike) -> None:
-        """Writes the current policy as a HF checkpoint directory (with the tokenizer)."""
+        """Writes the current policy as a HF checkpoint directory (with the tokenizer, and a
+        generation_config.json whose eos ids are every stop token the rollouts used)."""
+        from dapo_jax.export import generation_config
+
         models.save_pretrained(self.params, self.model_cfg, path,
-                               tokenizer_dir=self.exp.tokenizer_dir)
+                               tokenizer_dir=self.exp.tokenizer_dir,
+                               generation_config=generation_config(
+                                   self.tokenizer, as_list(self.config.tokenizer.stop_tokens)))
 
     def close(self) -> None:
         """Waits for pending checkpoint writes and closes the writers."""
