@@ -15,6 +15,16 @@ read once per step) and the fraction of it our decode loop reaches.
         --dtype bfloat16                                          # GPU/TPU roofline
     python -m benchmarks.rollout_throughput --presets qwen2.5-0.5b --samples_per_prompt 16  # DAPO groups
     python -m benchmarks.rollout_throughput --smoke
+    python -m benchmarks.rollout_throughput --paged_only     # paged vs dense KV cache, (a)-(c) below
+    python -m benchmarks.rollout_throughput --quick          # the paged sections at a toy size
+
+The paged-vs-dense sections (`--paged` adds them to the table above, `--paged_only` runs only them):
+(a) decode ms/step at each `--step_targets` max_target_length for the same real lengths (a dense
+cache reads every slot's whole row each step; the paged one reads the pages in use); (b) a
+DAPO-shaped rollout, `--dapo_prompts` x `--dapo_samples` samples whose lengths are drawn from a
+lognormal with mean `--dapo_max_new` / 4 (per-request max_new_tokens; the stop id is outside the
+vocabulary, so every sample runs to its budget), tokens/s of both caches; (c) their KV memory and
+how many samples fit at once in the dense cache's memory.
 """
 
 from __future__ import annotations
@@ -34,7 +44,9 @@ from configs.base import get_base_config
 from dapo_jax import experiment, models
 from dapo_jax.models.config import DTYPES, ModelConfig
 from dapo_jax.runtime.devices import device_spec
-from dapo_jax.sampler import DECODE_LAYOUT_CHOICES, RolloutDriver, RolloutRequest, SamplingParams
+from dapo_jax.sampler import (DECODE_LAYOUT_CHOICES, KV_CACHE_CHOICES, RolloutDriver,
+                              RolloutRequest, SamplingParams, build_engine, kv_pool_plan)
+from dapo_jax.sampler.paged_cache import page_bytes
 
 SAMPLING = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, greedy=False)
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -79,10 +91,44 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--smoke", action="store_true",
                    help="tiny preset, batch 4, 8-token prompts, 8 new tokens: runs in seconds")
+    p.add_argument("--kv_cache", default="paged", choices=KV_CACHE_CHOICES,
+                   help="our KV cache in the main table (config rollout.kv_cache)")
+    p.add_argument("--kv_page_size", type=int, default=16, help="tokens per page (paged cache)")
+    p.add_argument("--paged", action="store_true", help="also run the paged-vs-dense sections")
+    p.add_argument("--paged_only", action="store_true", help="run only the paged-vs-dense sections")
+    p.add_argument("--paged_preset", default=None,
+                   help="model shape of the paged sections (default: qwen2.5-0.5b on GPU/TPU; on "
+                        "CPU tiny, whose small matmuls leave attention its real share of a step)")
+    p.add_argument("--paged_sections", type=_csv(str), default=["a", "b"],
+                   help="which paged sections to run: a (decode step), b (DAPO rollout; c comes "
+                        "with it)")
+    p.add_argument("--step_targets", type=_csv(int), default=[128, 8192],
+                   help="(a): max_target_length values, the first one the baseline")
+    p.add_argument("--step_batch", type=int, default=16, help="(a): slots decoding at once")
+    p.add_argument("--step_new_tokens", type=int, default=64, help="(a): decode steps timed")
+    p.add_argument("--dapo_prompts", type=int, default=None,
+                   help="(b): prompts (default 16 on GPU/TPU, 8 on CPU to finish in minutes)")
+    p.add_argument("--dapo_samples", type=int, default=16, help="(b): samples per prompt")
+    p.add_argument("--dapo_max_new", type=int, default=4096,
+                   help="(b): max response length; mean length is a quarter of it")
+    p.add_argument("--dapo_slots", type=int, default=64, help="(b): decode slots of both engines")
+    p.add_argument("--quick", action="store_true",
+                   help="only the paged sections, tiny preset, short lengths: runs in seconds")
     args = p.parse_args(argv)
     if args.smoke:
         args.presets, args.batches, args.prompt_len, args.new_tokens = ["tiny"], [4], 8, 8
         args.steps_per_sync, args.matmul_n = 4, 256
+    if args.quick:
+        args.paged_only, args.paged_preset, args.prompt_len, args.steps_per_sync = True, "tiny", 8, 4
+        args.step_targets, args.step_batch, args.step_new_tokens = [32, 256], 4, 8
+        args.dapo_prompts, args.dapo_samples, args.dapo_max_new, args.dapo_slots = 2, 4, 64, 4
+        args.matmul_n = 256
+    on_cpu = jax.default_backend() == "cpu"
+    args.paged_preset = args.paged_preset or ("tiny" if on_cpu else "qwen2.5-0.5b")
+    args.dapo_prompts = args.dapo_prompts or (8 if on_cpu else 16)
+    if min(args.step_targets) <= args.prompt_len + args.step_new_tokens - 1:
+        p.error(f"--step_targets must all exceed --prompt_len + --step_new_tokens - 1 "
+                f"({args.prompt_len + args.step_new_tokens - 1})")
     for name in ("prompt_len", "new_tokens", "steps_per_sync"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -186,6 +232,7 @@ def run_ours(cfg: ModelConfig, params: dict, prompts: np.ndarray, new_tokens: in
     config.rollout.max_concurrent_decodes = batch
     config.rollout.cache_dtype = args.cache_dtype or cfg.dtype
     config.rollout.decode_layout = args.decode_layout
+    config.rollout.kv_cache, config.rollout.kv_page_size = args.kv_cache, args.kv_page_size
     mesh = models.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     engine = experiment.make_engine(config, cfg, mesh, pad_id=0,
                                     stop_ids=[cfg.vocab_size])  # outside the vocabulary: never sampled
@@ -218,8 +265,180 @@ def run_ours(cfg: ModelConfig, params: dict, prompts: np.ndarray, new_tokens: in
             "ms_per_step": 1000 * st["decode_s"] / st["decode_steps"]}
 
 
+# ------------------------------------------------------------------------------------------------
+# Paged vs dense KV cache.
+
+PAGED_STEP_COLUMNS = ["kv_cache", "max_target_length", "ms/step (fastest call)", "vs first target",
+                      "ms/step (median call)", "vs first target (median)"]
+PAGED_DAPO_COLUMNS = ["kv_cache", "samples", "tokens", "wall s", "prefill + insert s", "tok/s",
+                      "decode tok/s", "vs dense", "preemptions"]
+PAGED_MEMORY_COLUMNS = ["kv_cache", "KV allocated MiB", "KV peak in use MiB",
+                        "samples at once in the dense budget"]
+
+
+def _paged_engine(cfg: ModelConfig, kv_cache: str, slots: int, prompt_len: int, target: int,
+                  args: argparse.Namespace):
+    return build_engine(cfg, kv_cache=kv_cache, kv_page_size=args.kv_page_size,
+                        max_concurrent_decodes=slots, max_prefill_length=prompt_len,
+                        max_target_length=target, stop_token_ids=[cfg.vocab_size],
+                        cache_dtype=args.cache_dtype, decode_layout=args.decode_layout)
+
+
+def decode_step_ms(cfg: ModelConfig, params: Any, kv_cache: str, target: int,
+                   args: argparse.Namespace) -> dict[str, float]:
+    """(a) ms per decode step of `--step_batch` slots at max_target_length `target`: prompts of
+    `--prompt_len` tokens, `--step_new_tokens` timed steps after a compile warm-up, timed per
+    `generate` call. Returns the fastest and the median call (per step): on a shared machine the
+    fastest is the program's cost, the median what a run sees."""
+    batch, steps = args.step_batch, args.steps_per_sync
+    eng = _paged_engine(cfg, kv_cache, batch, args.prompt_len, target, args)
+    params = eng.load_params(params)
+    prompts = random_prompts(cfg.vocab_size, batch, args.prompt_len, args.seed)
+    prefixes = [eng.prefill_prefix(params, *eng.pad_tokens(list(p))) for p in prompts]
+
+    def fill():
+        state = eng.init_decode_state()
+        for i, prefix in enumerate(prefixes):
+            state = eng.insert(prefix, state, i, max_new_tokens=args.step_new_tokens)
+        return jax.block_until_ready(state)
+
+    def decode(state, total):
+        times = []
+        for _ in range(-(-total // steps)):
+            t0 = time.perf_counter()
+            state, _ = eng.reserve(state, steps)
+            state, _ = eng.generate(params, state, num_steps=steps, sampling=SAMPLING)
+            times.append(1000 * (time.perf_counter() - t0) / steps)
+        return times
+
+    decode(fill(), steps)  # compiles
+    times = decode(fill(), args.step_new_tokens)
+    return {"min": float(np.min(times)), "median": float(np.median(times))}
+
+
+def dapo_requests(vocab: int, args: argparse.Namespace) -> list[RolloutRequest]:
+    """(b) `--dapo_prompts` x `--dapo_samples` requests of one sample each (a prompt repeated per
+    sample, so each can get its own length), lengths lognormal with mean dapo_max_new / 4."""
+    rng = np.random.default_rng(args.seed)
+    sigma = 1.0
+    mu = np.log(args.dapo_max_new / 4) - sigma ** 2 / 2  # E[lognormal] = exp(mu + sigma^2 / 2)
+    lengths = np.clip(np.round(rng.lognormal(mu, sigma, args.dapo_prompts * args.dapo_samples)),
+                      1, args.dapo_max_new).astype(int)
+    prompts = random_prompts(vocab, args.dapo_prompts, args.prompt_len, args.seed)
+    return [RolloutRequest([int(t) for t in prompts[i // args.dapo_samples]], n=1,
+                           max_new_tokens=int(m)) for i, m in enumerate(lengths)]
+
+
+def dapo_rollout(cfg: ModelConfig, params: Any, kv_cache: str, requests: list[RolloutRequest],
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """(b) One timed RolloutDriver.generate of `requests` after a short warm-up (compiles)."""
+    target = args.prompt_len + args.dapo_max_new
+    eng = _paged_engine(cfg, kv_cache, args.dapo_slots, args.prompt_len, target, args)
+    driver = RolloutDriver(eng, params, steps_per_sync=args.steps_per_sync, progress=False,
+                           sampling=SAMPLING)
+    # The same requests with short budgets: compiles every shape the timed run uses.
+    driver.generate([RolloutRequest(r.prompt, 1, args.steps_per_sync) for r in requests],
+                    seed=args.seed + 1)
+    t0 = time.perf_counter()
+    result = driver.generate(requests, seed=args.seed)
+    wall = time.perf_counter() - t0
+    got = [s.length for ss in result.samples for s in ss]
+    if got != [r.max_new_tokens for r in requests]:
+        raise RuntimeError(f"{kv_cache} engine did not generate the requested lengths")
+    st = result.stats
+    peak = (st["kv_peak_pages"] * page_bytes(cfg, args.kv_page_size, args.cache_dtype)
+            if kv_cache == "paged" else eng.kv_cache_bytes)
+    return {"kv_cache": kv_cache, "samples": len(got), "tokens": int(sum(got)), "wall_s": wall,
+            "tokens_per_s": sum(got) / wall, "decode_tokens_per_s": st["decode_tokens_per_s"],
+            "prefill_insert_s": st["prefill_s"] + st["insert_s"],
+            "preemptions": int(st.get("preemptions", 0)), "kv_allocated_bytes": eng.kv_cache_bytes,
+            "kv_peak_bytes": int(peak)}
+
+
+def run_paged(args: argparse.Namespace) -> dict[str, Any]:
+    """Sections (a)-(c): paged vs dense KV cache at `--paged_preset`'s shape, random weights."""
+    cfg = models.preset(args.paged_preset).replace(dtype=args.dtype)
+    cfg = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings,
+                                                  max(args.step_targets),
+                                                  args.prompt_len + args.dapo_max_new))
+    params = models.init_model(cfg, seed=args.seed).params()
+    steps = []
+    for kv_cache in ("paged", "dense") if "a" in args.paged_sections else ():
+        base = None
+        for target in args.step_targets:
+            ms = decode_step_ms(cfg, params, kv_cache, target, args)
+            base = base or ms
+            steps.append({"kv_cache": kv_cache, "max_target_length": target,
+                          "ms_per_step": ms["min"], "median_ms_per_step": ms["median"],
+                          "ratio": ms["min"] / base["min"],
+                          "median_ratio": ms["median"] / base["median"]})
+            print(f"[rollout_throughput] (a) {kv_cache} max_target_length {target}: "
+                  f"{ms['min']:.2f} ms/step (median {ms['median']:.2f})", file=sys.stderr,
+                  flush=True)
+    if "b" not in args.paged_sections:
+        return {"preset": args.paged_preset, "steps": steps, "dapo": None, "memory": None}
+    requests = dapo_requests(cfg.vocab_size, args)
+    dapo = {}
+    for kv_cache in ("dense", "paged"):
+        dapo[kv_cache] = dapo_rollout(cfg, params, kv_cache, requests, args)
+        print(f"[rollout_throughput] (b) {kv_cache}: {dapo[kv_cache]['tokens_per_s']:.1f} tok/s",
+              file=sys.stderr, flush=True)
+    # (c) The dense cache's memory as a budget: it holds dapo_slots samples of any length; a pool of
+    # the same bytes holds as many samples of the mean length as its pages allow.
+    target = args.prompt_len + args.dapo_max_new
+    mean_len = args.prompt_len + float(np.mean([r.max_new_tokens for r in requests]))
+    budget = dapo["dense"]["kv_allocated_bytes"]
+    per_page = page_bytes(cfg, args.kv_page_size, args.cache_dtype)
+    plan = kv_pool_plan(cfg, (budget // per_page) * args.kv_page_size, args.kv_page_size,
+                        slots=10 ** 9, max_target_length=target, cache_dtype=args.cache_dtype,
+                        expected_length=int(round(mean_len)))
+    memory = {"budget_bytes": budget, "mean_sample_tokens": mean_len,
+              "dense_samples": args.dapo_slots, "paged_samples": plan.concurrent_samples,
+              "paged_samples_at_max": plan.concurrent_samples_at_max}
+    return {"preset": args.paged_preset, "steps": steps, "dapo": dapo, "memory": memory,
+            "speedup": dapo["paged"]["tokens_per_s"] / dapo["dense"]["tokens_per_s"]}
+
+
+def format_paged_report(r: dict[str, Any], args: argparse.Namespace) -> str:
+    """The three paged-vs-dense tables and how they were measured."""
+    mib = lambda b: common.fmt(b / 2 ** 20)  # noqa: E731
+    steps = [[row["kv_cache"], row["max_target_length"], common.fmt(row["ms_per_step"]),
+              f"{row['ratio']:.2f}x", common.fmt(row["median_ms_per_step"]),
+              f"{row['median_ratio']:.2f}x"] for row in r["steps"]]
+    head = [f"## Paged vs dense KV cache ({r['preset']} shape, random weights, dtype {args.dtype}, "
+            f"KV {args.cache_dtype}, pages of {args.kv_page_size} tokens)", ""]
+    if steps:
+        head += [f"(a) decode step, {args.step_batch} slots, {args.prompt_len}-token prompts, "
+                 f"{args.step_new_tokens} new tokens each, only max_target_length changes:", "",
+                 common.markdown_table(PAGED_STEP_COLUMNS, steps), ""]
+    d, m = r["dapo"], r["memory"]
+    if d is None:
+        return "\n".join(head)
+    dapo = [[x["kv_cache"], x["samples"], x["tokens"], common.fmt(x["wall_s"]),
+             common.fmt(x["prefill_insert_s"]), common.fmt(x["tokens_per_s"]), common.fmt(x["decode_tokens_per_s"]),
+             f"{x['tokens_per_s'] / d['dense']['tokens_per_s']:.2f}x", x["preemptions"]]
+            for x in (d["dense"], d["paged"])]
+    memory = [["dense", mib(d["dense"]["kv_allocated_bytes"]), mib(d["dense"]["kv_peak_bytes"]),
+               m["dense_samples"]],
+              ["paged", mib(d["paged"]["kv_allocated_bytes"]), mib(d["paged"]["kv_peak_bytes"]),
+               f"{m['paged_samples']} (mean length), {m['paged_samples_at_max']} (max length)"]]
+    return "\n".join(head + [
+        f"(b) DAPO-shaped rollout: {args.dapo_prompts} prompts x {args.dapo_samples} samples "
+        f"(one request per sample), response lengths lognormal(sigma 1) with mean "
+        f"{args.dapo_max_new // 4} clipped to [1, {args.dapo_max_new}], {args.dapo_slots} slots, "
+        f"steps_per_sync {args.steps_per_sync}; paged pool = default (slots x max length):", "",
+        common.markdown_table(PAGED_DAPO_COLUMNS, dapo), "",
+        f"(c) KV memory of (b); budget = the dense cache ({mib(m['budget_bytes'])} MiB), mean "
+        f"sample {m['mean_sample_tokens']:.0f} tokens (prompt + response):", "",
+        common.markdown_table(PAGED_MEMORY_COLUMNS, memory),
+    ])
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs every (preset, batch) pair on both engines; returns every number."""
+    if args.paged_only:
+        return {"benchmark": "rollout_throughput", "environment": common.environment(),
+                "rows": [], "paged": run_paged(args)}
     env = common.environment()
     on_accelerator = env["backend"] != "cpu"
     spec = device_spec(env["device_kind"]) if on_accelerator else None
@@ -262,10 +481,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "config": {k: getattr(args, k) for k in ("presets", "batches", "samples_per_prompt",
                                                      "prompt_len", "new_tokens",
                                                      "dtype", "cache_dtype", "decode_layout",
+                                                     "kv_cache", "kv_page_size",
                                                      "steps_per_sync", "skip_hf", "seed")},
             "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
             "device_spec": None if spec is None else vars(spec),
-            "measured_matmul_flops": peak, "matmul_n": args.matmul_n, "rows": rows}
+            "measured_matmul_flops": peak, "matmul_n": args.matmul_n, "rows": rows,
+            "paged": run_paged(args) if args.paged else None}
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -305,7 +526,7 @@ def format_report(r: dict[str, Any]) -> str:
            "each prompt once and inserts it into that many slots. ")
         + "Ours: "
         f"dtype {c['dtype']}, weights held in {weights} in decode layout {layouts}, "
-        f"KV cache {c['cache_dtype']}, "
+        f"KV cache {c['kv_cache']} {c['cache_dtype']}, "
         f"steps_per_sync {c['steps_per_sync']}; transformers: float32, torch threads = cpu_count.",
         "ours decode tok/s and ms/step time only the decode loop (no prefill or insert). "
         f"compute-ideal ms/step = decode-step FLOPs / measured {c['dtype']} matmul peak "
@@ -322,7 +543,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark, prints the markdown report, writes JSON when asked; returns the results."""
     args = parse_args(argv)
     result = run(args)
-    print(format_report(result))
+    if result["rows"]:
+        print(format_report(result))
+    if result.get("paged"):
+        print(format_paged_report(result["paged"], args))
     if args.json:
         common.write_json(args.json, result)
     return result

@@ -89,6 +89,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     # every decode matmul computes W x^T (1.6x faster decode steps at small batch on XLA:CPU,
     # docs/benchmarks.md). "auto" = per_layer_out_major on CPU meshes, per_layer on GPU/TPU.
     c.rollout.decode_layout = "auto"
+    # KV cache (dapo_jax/sampler/paged_engine.py, docs/rollout_backends.md): "paged" = one pool of
+    # pages shared by all decode slots, taken as samples grow and returned when they finish; a
+    # prompt's n samples share its pages; each decode step reads only the pages in use. "dense" =
+    # every slot reserves max_target_length positions and every step reads all of them.
+    c.rollout.kv_cache = "paged"
+    c.rollout.kv_pool_tokens = 0  # pool size in tokens; 0 = slots x max length (never preempts)
+    c.rollout.kv_page_size = 16  # tokens per page
 
     c.algo = ml_collections.ConfigDict()
     c.algo.clip_ratio_low = 0.2

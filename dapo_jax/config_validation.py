@@ -9,6 +9,7 @@ from dapo_jax.models.config import ATTENTION_IMPLEMENTATIONS, DTYPES, PRESETS, R
 from dapo_jax.runtime.cli_errors import UserError
 from dapo_jax.runtime.mesh_config import mesh_sizes
 from dapo_jax.sampler.decode_layout import DECODE_LAYOUT_CHOICES
+from dapo_jax.sampler.paged_cache import KV_CACHE_CHOICES, pages_for
 
 
 class ConfigError(UserError):
@@ -70,6 +71,20 @@ def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None
     _check(c.rollout.cache_dtype in DTYPES, "rollout.cache_dtype", f"must be one of {DTYPES}", p)
     _check(c.rollout.get("decode_layout", "auto") in DECODE_LAYOUT_CHOICES, "rollout.decode_layout",
            f"must be one of {list(DECODE_LAYOUT_CHOICES)}", p)
+    kv_cache = c.rollout.get("kv_cache", "dense")
+    _check(kv_cache in KV_CACHE_CHOICES, "rollout.kv_cache",
+           f"must be one of {list(KV_CACHE_CHOICES)} (paged = a pool of pages shared by the slots; "
+           "dense = every slot reserves max_target_length positions)", p)
+    page, pool = int(c.rollout.get("kv_page_size", 16)), int(c.rollout.get("kv_pool_tokens", 0))
+    _check(page >= 1, "rollout.kv_page_size", f"must be >= 1 (tokens per KV page), got {page}; "
+           "16 is a good default", p)
+    if kv_cache == "paged" and page >= 1:
+        longest = int(c.data.max_prompt_length) + int(c.data.max_response_length)
+        need = pages_for(longest, page) * page
+        _check(pool == 0 or pool >= need, "rollout.kv_pool_tokens",
+               f"must be 0 (default: every slot can reach full length) or hold at least one sample "
+               f"of data.max_prompt_length + data.max_response_length = {longest} tokens in pages "
+               f"of {page}; set it to >= {need}, got {pool}", p)
     for old in ("per_layer_weights", "out_major_weights"):
         _check(c.rollout.get(old) is None, f"rollout.{old}",
                "was replaced by rollout.decode_layout; delete it and set rollout.decode_layout to one "

@@ -26,6 +26,7 @@ from dapo_jax.config_validation import ConfigError, as_list, validate_config
 from dapo_jax.models.config import ModelConfig, from_hf_config, preset
 from dapo_jax.models.sharding import make_mesh
 from dapo_jax.sampler.engine import Engine
+from dapo_jax.sampler.paged_engine import build_engine
 from dapo_jax.sampler.sampling import SamplingParams
 from dapo_jax.training.batching import PackingLayout
 from dapo_jax.training.batching import packing_layout as make_packing_layout
@@ -204,11 +205,14 @@ def make_engine(config: ml_collections.ConfigDict, model_config: ModelConfig, me
     """The rollout engine for prompts of `data.max_prompt_length` plus `max_new_tokens`."""
     r, p = config.rollout, int(config.data.max_prompt_length)
     new = int(max_new_tokens or config.data.max_response_length)
-    return Engine(model_config, max_concurrent_decodes=int(max_concurrent_decodes
-                                                           or r.max_concurrent_decodes),
-                  max_prefill_length=p, max_target_length=p + new, stop_token_ids=list(stop_ids),
-                  pad_token_id=pad_id, mesh=mesh, cache_dtype=r.cache_dtype,
-                  decode_layout=r.decode_layout)
+    return build_engine(model_config, kv_cache=r.get("kv_cache", "dense"),
+                        kv_pool_tokens=int(r.get("kv_pool_tokens", 0)),
+                        kv_page_size=int(r.get("kv_page_size", 16)),
+                        max_concurrent_decodes=int(max_concurrent_decodes
+                                                   or r.max_concurrent_decodes),
+                        max_prefill_length=p, max_target_length=p + new,
+                        stop_token_ids=list(stop_ids), pad_token_id=pad_id, mesh=mesh,
+                        cache_dtype=r.cache_dtype, decode_layout=r.decode_layout)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -308,6 +308,67 @@ def _pallas_gpu(q, k, v, seg, *, interpret: bool):
     return _zero_padding_rows(out, seg)
 
 
+# ----------------------------------------------------------------------------------------------
+# Paged decode attention (one query per row over a paged KV cache).
+
+PAGED_BLOCK_TOKENS = 256  # keys per loop iteration: few iterations, little work past the lengths
+
+
+def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                           page_table: jax.Array, kv_lengths: jax.Array, *,
+                           layer: jax.Array | int | None = None,
+                           block_tokens: int = PAGED_BLOCK_TOKENS) -> jax.Array:
+    """GQA of one query per row over its first `kv_lengths[b]` keys, stored in pages.
+
+    q [B,1,H,hd]; k/v_pages [N,K,P,hd] (one layer's pool), or [L,N,K,P,hd] with `layer` the layer to
+    read (gathered from the stacked pool directly: slicing a layer out first copies it); page_table
+    [B, M] int32 (row b's page for positions j*P .. (j+1)*P-1; entries past the row's length may be
+    anything); kv_lengths [B] (0 for a row that attends to nothing: it outputs zeros). A loop over
+    blocks of `block_tokens // P` pages with an online softmax stops after the longest row's last
+    block, so a step's cost follows the lengths actually in use, not the table's width.
+    """
+    b, t, h, hd = q.shape
+    n_pages, kvh, page, _ = k_pages.shape[-4:]
+    if t != 1:
+        raise ValueError(f"paged_decode_attention takes one query per row, got {t}")
+    g = h // kvh
+    max_pages = page_table.shape[1]
+    per_block = max(1, min(block_tokens // page, max_pages))
+    n_static = -(-max_pages // per_block)
+    table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, n_static * per_block - max_pages)))
+    kv_lengths = kv_lengths.astype(jnp.int32)
+    qg = q.reshape(b, kvh, g, hd)
+    span = per_block * page
+    n_blocks = (jnp.max(kv_lengths) + span - 1) // span  # dynamic: a while loop, not a scan
+
+    def body(j, carry):
+        m, l, acc = carry  # [B,K,G], [B,K,G], [B,K,G,hd] float32
+        ids = jax.lax.dynamic_slice_in_dim(table, j * per_block, per_block, axis=1)
+        ids = jnp.clip(ids, 0, n_pages - 1)
+        if layer is None:
+            kb, vb = k_pages[ids], v_pages[ids]  # [B, n, K, P, hd]
+        else:
+            kb, vb = k_pages[layer, ids], v_pages[layer, ids]
+        s = jnp.einsum("bkgd,bnkpd->bkgnp", qg, kb, preferred_element_type=jnp.float32)
+        s = s.reshape(b, kvh, g, span) * (hd ** -0.5)
+        mask = (j * span + jnp.arange(span, dtype=jnp.int32))[None] < kv_lengths[:, None]
+        mask = mask[:, None, None]
+        s = jnp.where(mask, s, _MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        l = l * corr + p.sum(axis=-1)
+        pv = jnp.einsum("bkgnp,bnkpd->bkgd", p.reshape(b, kvh, g, per_block, page).astype(v_pages.dtype),
+                        vb, preferred_element_type=jnp.float32)
+        return m_new, l, acc * corr[..., None] + pv
+
+    init = (jnp.full((b, kvh, g), _MASK_VALUE, jnp.float32), jnp.zeros((b, kvh, g), jnp.float32),
+            jnp.zeros((b, kvh, g, hd), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    out = jnp.where((l == 0.0)[..., None], 0.0, acc / jnp.where(l == 0.0, 1.0, l)[..., None])
+    return out.reshape(b, 1, h, hd).astype(q.dtype)
+
+
 def score_block_bytes(implementation: str, rows: int, heads: int, seq: int,
                       block: int = DEFAULT_BLOCK) -> int:
     """Float32 bytes of the attention scores one layer holds at once on one device."""
@@ -319,4 +380,5 @@ def score_block_bytes(implementation: str, rows: int, heads: int, seq: int,
 
 
 __all__ = ["CHOICES", "IMPLEMENTATIONS", "resolve_attention", "dot_product_attention",
-           "dense_attention", "attention_mask", "score_block_bytes"]
+           "dense_attention", "attention_mask", "score_block_bytes", "paged_decode_attention",
+           "PAGED_BLOCK_TOKENS"]

@@ -14,10 +14,12 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
-from dapo_jax.models.attention import dense_attention, dot_product_attention, resolve_attention
+from dapo_jax.models.attention import (dense_attention, dot_product_attention,
+                                       paged_decode_attention, resolve_attention)
 from dapo_jax.models.config import ModelConfig
 from dapo_jax.models.sharding import logical_to_spec, with_logical_constraint
 
@@ -244,6 +246,8 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     With `cache` ({"k","v": [L,B,K,S,hd], "lengths": [B]}): the T new tokens of each row are written at
     cache positions lengths[b] .. lengths[b]+T-1 and attend causally to everything before them; rows must
     be right-padded (padding after the real tokens), and `lengths` advances by the real-token count.
+    With a paged cache ({"k","v": [L,N,K,P,hd] pools of N pages of P tokens, "page_table": [B,M],
+    "lengths": [B]}): one token per row (decode); row b's pages are page_table[b] in position order.
     `params["layers"]` holds the layers stacked on a leading axis, or is a sequence of per-layer dicts
     (the sampler's per-layer layout: each layer's arrays are read in place, no slice of a stack).
     `matmul(x, kernel, n_in)` multiplies activations by each layer kernel (default `project`, for
@@ -282,6 +286,11 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
             for i in range(cfg.num_layers):
                 h, _ = body(h, jax.tree.map(lambda x: x[i], layers))
         return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), None
+
+    if "page_table" in cache:
+        h, new_cache = _paged_decode(params, cfg, h, attention_mask, positions, cache, mesh, rules,
+                                     matmul)
+        return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), new_cache
 
     lengths = cache["lengths"].astype(jnp.int32)
     s = cache["k"].shape[3]
@@ -327,6 +336,106 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     h, ck, cv = carry
     new_cache = {"k": ck, "v": cv, "lengths": lengths + attention_mask.sum(axis=-1)}
     return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), new_cache
+
+
+def paged_cache_specs(mesh: Mesh, rules: Mapping[str, Any] | None, slots: int, num_kv_heads: int
+                      ) -> tuple[PartitionSpec, Any, Any]:
+    """(pool spec [L, N, K, P, hd], slot axes, KV-head axis) of a paged cache on `mesh`.
+
+    The pages are split over the same mesh axes as the slots ("cache_batch"): slot block d owns
+    page block d, so a decode step reads and writes only its own device's pages.
+    """
+    rows = logical_to_spec(("cache_batch",), (slots,), mesh, rules)[0]
+    kv = logical_to_spec((None, "act_kv_heads"), (1, num_kv_heads), mesh, rules)[1]
+    return PartitionSpec(None, rows, kv, None, None), rows, kv
+
+
+def mesh_axes_size(mesh: Mesh, axes: Any) -> int:
+    """Devices along `axes` (a mesh axis name, a tuple of them, or None)."""
+    if axes is None:
+        return 1
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([mesh.shape[a] for a in names]))
+
+
+def _paged_write(ck, cv, k, v, table, lengths, live, i):
+    """Writes each live row's new K/V [B,1,K,hd] at its length into its page (others dropped)."""
+    n_pages, page = ck.shape[1], ck.shape[3]
+    idx = jnp.take_along_axis(table, (lengths // page)[:, None], axis=1, mode="clip")[:, 0]
+    dest = jnp.where(live, idx, n_pages)  # out of range: dropped
+    off = lengths % page
+    return (ck.at[i, dest, :, off].set(k[:, 0].astype(ck.dtype), mode="drop"),
+            cv.at[i, dest, :, off].set(v[:, 0].astype(cv.dtype), mode="drop"))
+
+
+def _paged_decode(params: Params, cfg: ModelConfig, h: jax.Array, attention_mask: jax.Array,
+                  positions: jax.Array | None, cache: Mapping[str, jax.Array], mesh: Mesh | None,
+                  rules, matmul: Matmul) -> tuple[jax.Array, dict]:
+    """`decoder_apply`'s layers for one new token per row over a paged cache (see `decoder_apply`).
+
+    Rows whose mask is 0 neither write (their page index is out of range: the scatter drops it, so a
+    finished slot never touches pages it gave back) nor attend, and their length does not advance.
+    On a mesh that splits the slots, writes and attention run per device (`shard_map`) on its own
+    slots and pages; the page table then holds each device's local page ids.
+    """
+    b, t = h.shape[:2]
+    if t != 1:
+        raise ValueError(f"a paged KV cache takes one token per row (decode), got {t}; prefill into "
+                         "a dense cache and copy it into pages")
+    dt = jnp_dtype(cfg.dtype)
+    lengths = cache["lengths"].astype(jnp.int32)
+    table = cache["page_table"].astype(jnp.int32)
+    if positions is None:
+        positions = lengths[:, None]
+    live = attention_mask[:, 0] != 0
+    kv_len = jnp.where(live, lengths + 1, 0)
+    write = _paged_write
+
+    def attn(q, ck, cv, tb, n, i):
+        return paged_decode_attention(q, ck, cv, tb, n, layer=i)
+
+    if mesh is not None and mesh.size > 1:
+        pool_spec, rows, kv = paged_cache_specs(mesh, rules, b, cfg.num_kv_heads)
+        if mesh_axes_size(mesh, rows) > 1:
+            heads = PartitionSpec(rows, None, kv, None)  # [B, 1, heads, hd]; q's split like k's
+            vec, tab, one = PartitionSpec(rows), PartitionSpec(rows, None), PartitionSpec()
+            sm_write = jax.shard_map(_paged_write, mesh=mesh, check_vma=False,
+                                     in_specs=(pool_spec, pool_spec, heads, heads, tab, vec, vec,
+                                               one), out_specs=(pool_spec, pool_spec))
+            sm_attn = jax.shard_map(attn, mesh=mesh, check_vma=False,
+                                    in_specs=(heads, pool_spec, pool_spec, tab, vec, one),
+                                    out_specs=heads)
+            # The layer index enters shard_map as an array (a Python int stays static elsewhere).
+            write = lambda *a: sm_write(*a[:-1], jnp.asarray(a[-1], jnp.int32))  # noqa: E731
+            attn = lambda *a: sm_attn(*a[:-1], jnp.asarray(a[-1], jnp.int32))  # noqa: E731
+
+    def body(carry, xs):
+        h, ck, cv = carry
+        lp, i = xs
+
+        def kv_fn(k, v):
+            nk, nv = write(ck, cv, k, v, table, lengths, live, i)
+            return nk, nv, (nk, nv)
+
+        def attend(q, kp, vp):  # reads layer i's pages out of the stacked pools (no layer copy)
+            return attn(q, kp, vp, table, kv_len, i).astype(dt)
+
+        h, (ck, cv) = _layer(cfg, mesh, rules, h, lp, positions, attend, kv_fn, matmul)
+        return (h, ck, cv), None
+
+    layers = params["layers"]
+    carry = (h, cache["k"], cache["v"])
+    if isinstance(layers, (list, tuple)):
+        for i, lp in enumerate(layers):
+            carry, _ = body(carry, (lp, i))
+    elif cfg.scan_layers:
+        carry, _ = jax.lax.scan(body, carry, (layers, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
+    else:
+        for i in range(cfg.num_layers):
+            carry, _ = body(carry, (jax.tree.map(lambda x: x[i], layers), i))
+    h, ck, cv = carry
+    new_cache = dict(cache, k=ck, v=cv, lengths=lengths + live.astype(jnp.int32))
+    return h, new_cache
 
 
 def lm_head_weight(params: Params, cfg: ModelConfig) -> jax.Array:

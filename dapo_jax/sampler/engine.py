@@ -80,7 +80,11 @@ class Engine:
 
     `decode_layout` ("auto", a name in `decode_layout.DECODE_LAYOUTS`, or a `DecodeLayout`) is how the
     engine holds the weights and multiplies by them; "auto" picks by the mesh's platform.
+    This engine's KV cache is dense (every slot reserves max_target_length positions and every step
+    reads them all); `paged_engine.PagedEngine` is the paged one.
     """
+
+    kv_cache = "dense"
 
     def __init__(self, model_config: ModelConfig, *, max_concurrent_decodes: int,
                  max_prefill_length: int, max_target_length: int, stop_token_ids: Sequence[int],
@@ -406,6 +410,35 @@ class Engine:
         return jax.jit(fn, donate_argnums=(1,),
                        in_shardings=(self.param_shardings, self.state_shardings),
                        out_shardings=(self.state_shardings, out_sh))
+
+    # -- KV-memory hooks the driver calls (a dense cache always has room) -----------------------
+    def admissible(self, prefix: Prefix, slots: Sequence[int], num_steps: int) -> int:
+        """How many of `slots` (in order) can take samples of `prefix` now (dense: all)."""
+        return len(slots)
+
+    def resumable(self, preempted: Any, slot: int, num_steps: int) -> bool:
+        """Whether a preempted sample fits back now (a dense cache never preempts)."""
+        return True
+
+    def reserve(self, decode_state: DecodeState, num_steps: int
+                ) -> tuple[DecodeState, list[tuple[int, Any]]]:
+        """Makes room for `num_steps` steps of every live slot; (state, preempted): none here."""
+        return decode_state, []
+
+    def resume(self, decode_state: DecodeState, slot: int, preempted: Any) -> DecodeState:
+        """Puts a preempted sample back (a dense cache never preempts)."""
+        raise NotImplementedError("the dense KV cache never preempts")
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Device bytes of the K and V cache (all slots together)."""
+        cfg = self.config
+        return (2 * cfg.num_layers * self._slots * cfg.num_kv_heads * self.max_target_length
+                * cfg.head_dim * jnp.dtype(jnp_dtype(self.cache_dtype)).itemsize)
+
+    def kv_stats(self) -> dict[str, int]:
+        """KV-memory counters for rollout stats (none for a dense cache)."""
+        return {}
 
     @staticmethod
     def sample_keys(seed: int, request_id: int, num_samples: int) -> np.ndarray:

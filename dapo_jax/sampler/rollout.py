@@ -54,7 +54,7 @@ class RolloutResult:
     """Samples per request (request order, then sample order) and timing counters.
 
     `stats`: prefill_tokens, decode_tokens, decode_steps, wall_s, tokens_per_s, decode_tokens_per_s,
-    and seconds per phase (prefill_s, insert_s, decode_s). Prefills and inserts are dispatched without
+    (paged KV cache) preemptions, kv_pages, kv_pages_used, kv_peak_pages, and seconds per phase (prefill_s, insert_s, decode_s). Prefills and inserts are dispatched without
     waiting; one wait per refill round, before the next decode, lets them finish, so decode_s holds
     decode steps only and prefill_s + insert_s the rest (the split between those two is the host's
     view: an insert can wait for its prompt's prefill).
@@ -126,10 +126,23 @@ class RolloutDriver:
         pool = concurrent.futures.ThreadPoolExecutor(1) if self.tokenizer is not None else None
         texts: dict[tuple[int, int], concurrent.futures.Future] = {}
 
-        while queue or buffers:
+        resumes: collections.deque = collections.deque()  # (buffer, preempted sample), FIFO
+        steps = self.steps_per_sync
+        while queue or buffers or resumes:
+            refilled = False
+            # Preempted samples go back first (a paged cache's pool was short; a dense one never is).
+            # With nothing decoding the whole pool is free, and one sample always fits in it.
+            while free and resumes and (eng.resumable(resumes[0][1], free[0], steps)
+                                        or not buffers):
+                buf, pre = resumes.popleft()
+                s = free.popleft()
+                t0 = time.perf_counter()
+                state = eng.resume(state, s, pre)
+                stats["insert_s"] += time.perf_counter() - t0
+                buffers[s] = buf
+                refilled = True
             # Fill free slots from the queue (one prefill per prompt, shared by its n samples).
-            refilled = bool(free and queue)
-            while free and queue:
+            while free and queue and not resumes:
                 r = queue[0]
                 req = requests[r]
                 if prefix_req != r:
@@ -140,7 +153,12 @@ class RolloutDriver:
                     stats["prefill_tokens"] += true_len
                     stats["prefill_s"] += time.perf_counter() - t0
                     keys = all_keys[r]
-                k = min(len(free), req.n - next_sample[r])
+                want = min(len(free), req.n - next_sample[r])
+                k = eng.admissible(prefix, [free[i] for i in range(want)], steps)
+                if k == 0 and buffers:  # the KV pool is full: wait for samples to finish
+                    break
+                k = max(k, 1)
+                refilled = True
                 slots = [free.popleft() for _ in range(k)]
                 idx = list(range(next_sample[r], next_sample[r] + k))
                 budget = req.max_new_tokens or eng.max_target_length
@@ -156,6 +174,12 @@ class RolloutDriver:
                 t0 = time.perf_counter()
                 jax.block_until_ready(state)
                 stats["prefill_s"] += time.perf_counter() - t0
+            # Pages for the next steps of every live sample; a short pool preempts the newest.
+            state, preempted = eng.reserve(state, steps)
+            for s, pre in preempted:
+                resumes.append((buffers.pop(s), pre))
+                free.append(s)
+                stats["preemptions"] += 1
             # Decode several steps per host round-trip.
             t0 = time.perf_counter()
             state, res = eng.generate(self.params, state, num_steps=self.steps_per_sync,
@@ -186,6 +210,7 @@ class RolloutDriver:
             for (r, j), fut in texts.items():
                 results[r][j].text = fut.result()
             pool.shutdown()
+        stats.update(eng.kv_stats())
         stats["wall_s"] = time.perf_counter() - t_start
         stats["decode_tokens_per_s"] = stats["decode_tokens"] / max(stats["decode_s"], 1e-9)
         stats["tokens_per_s"] = stats["decode_tokens"] / max(stats["wall_s"], 1e-9)

@@ -1,0 +1,414 @@
+"""The decode engine over a paged KV cache: memory is a pool of pages, decode reads only used pages.
+
+Same JetStream API and the same tokens as `Engine` (which keeps one [max_target_length] cache row
+per slot); the differences are where K/V live and what a step reads:
+
+- The cache is a pool of `kv_pool_tokens / kv_page_size` pages ([layers, pages, kv_heads, page,
+  head_dim]) and a page table [slots, pages_per_slot]; `paged_cache.PagePool` (host side) hands pages
+  out as samples grow and takes them back when they finish.
+- `insert_many` writes a prompt's full pages once and shares them among the slots of its samples;
+  only the partly filled last prompt page is copied per sample (decoding writes into it).
+- A decode step's attention (`attention.paged_decode_attention`) loops over the pages in use, up to
+  the longest live sample, so its cost follows the generated lengths, not max_target_length.
+- Before a `generate` of `num_steps` steps each live slot must own pages for `num_steps` more
+  tokens. `reserve` allocates them; when the pool is short it preempts the newest samples: their
+  pages are copied to the host (`Preempted`) and given back, and `resume` later puts them into a slot
+  exactly as they were, so a preempted sample continues with the same tokens and log-probs.
+
+Sharded like the dense cache: slots and pages are split over (data, fsdp) alike (slot block d
+only gets pages of page block d, so each device decodes its slots from its own pages), KV heads over
+`tensor`; allocation, prompt sharing and preemption happen per shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from dapo_jax.models.config import ModelConfig
+from dapo_jax.models.qwen2 import Params, jnp_dtype, mesh_axes_size, paged_cache_specs
+from dapo_jax.models.sharding import named_sharding
+from dapo_jax.runtime.host_transfer import tree_to_host
+from dapo_jax.sampler.engine import DecodeState, Engine, Prefix, ResultTokens
+from dapo_jax.sampler.paged_cache import KV_CACHE_CHOICES, PagePool, pages_for, pool_pages
+from dapo_jax.sampler.sampling import SamplingParams
+
+DEFAULT_PAGE_SIZE = 16
+
+
+@dataclasses.dataclass
+class PrefixPages:
+    """Host-side facts about a prefix: its prompt length and the pool pages its samples share."""
+
+    true_length: int
+    shared: dict[int, tuple[list[int], list[int]]] = dataclasses.field(default_factory=dict)
+    # per pool shard: (its shared pages, their allocation stamps when written)
+
+
+@dataclasses.dataclass
+class Preempted:
+    """A preempted sample as the host holds it: its pages' K/V and its slot's decode vectors."""
+
+    arrays: dict[str, np.ndarray]
+    length: int  # cache positions written
+    order: int  # admission rank: resumed samples keep their seniority (the newest go first)
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held."""
+        return sum(int(a.nbytes) for a in self.arrays.values())
+
+
+class PagedEngine(Engine):
+    """`Engine` with a paged KV cache (`kv_pool_tokens` tokens in pages of `kv_page_size`).
+
+    `kv_pool_tokens` 0 sizes the pool so every slot can reach max_target_length (never preempts).
+    """
+
+    kv_cache = "paged"
+
+    def __init__(self, model_config: ModelConfig, *, kv_pool_tokens: int = 0,
+                 kv_page_size: int = DEFAULT_PAGE_SIZE, **kwargs: Any):
+        if kv_page_size < 1:
+            raise ValueError(f"kv_page_size must be >= 1, got {kv_page_size}")
+        self.page_size = int(kv_page_size)
+        self.pages_per_slot = pages_for(int(kwargs["max_target_length"]), self.page_size)
+        self._pool_tokens = int(kv_pool_tokens)
+        super().__init__(model_config, **kwargs)  # sizes the pool (_state_shardings)
+        self.pool: PagePool | None = None
+        self._preempt_fn = None
+        self._resume_fn = None
+        self.preemptions = 0
+
+    # -- shardings -----------------------------------------------------------------------------
+    def _state_shardings(self) -> DecodeState:
+        cfg, s = self.config, self._slots
+        # Pages split over the devices that split the slots: each holds its slots' pages.
+        spec, rows, _ = paged_cache_specs(self.mesh, self.rules, s, cfg.num_kv_heads)
+        self.shards = mesh_axes_size(self.mesh, rows)
+        self.num_pages = pool_pages(self._pool_tokens, self.page_size, s, self.max_target_length,
+                                    self.shards)
+        kv = NamedSharding(self.mesh, spec)
+        table = named_sharding(self.mesh, ("cache_batch", None), (s, self.pages_per_slot),
+                               self.rules)
+        vec = named_sharding(self.mesh, ("cache_batch",), (s,), self.rules)
+        keys = named_sharding(self.mesh, ("cache_batch", None), (s, 2), self.rules)
+        return {"cache": {"k": kv, "v": kv, "lengths": vec, "page_table": table}, "tokens": vec,
+                "active": vec, "generated": vec, "limit": vec, "keys": keys}
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Device bytes of the K and V pages (the whole pool, all shards together)."""
+        cfg = self.config
+        return (2 * cfg.num_layers * self.num_pages * cfg.num_kv_heads * self.page_size
+                * cfg.head_dim * jnp.dtype(jnp_dtype(self.cache_dtype)).itemsize)
+
+    # -- state ---------------------------------------------------------------------------------
+    def init_decode_state(self) -> DecodeState:
+        """An empty decode state: an empty pool, every slot free (resets the host page table)."""
+        if self._init_state is None:
+            cfg, s, n = self.config, self._slots, self.num_pages
+            dt = jnp_dtype(self.cache_dtype)
+
+            def make():
+                kv = jnp.zeros((cfg.num_layers, n, cfg.num_kv_heads, self.page_size, cfg.head_dim),
+                               dt)
+                z = jnp.zeros((s,), jnp.int32)
+                table = jnp.full((s, self.pages_per_slot), n // self.shards, jnp.int32)  # none
+                return {"cache": {"k": kv, "v": kv, "lengths": z, "page_table": table},
+                        "tokens": z, "active": jnp.zeros((s,), bool), "generated": z, "limit": z,
+                        "keys": jnp.zeros((s, 2), jnp.uint32)}
+
+            self._init_state = jax.jit(make, out_shardings=self.state_shardings)
+        self.pool = PagePool(self.num_pages, self.page_size, self._slots, self.pages_per_slot,
+                             self.shards)
+        return self._init_state()
+
+    def _pool(self) -> PagePool:
+        if self.pool is None:
+            raise RuntimeError("no decode state: call init_decode_state() first")
+        return self.pool
+
+    def _with_table(self, state: DecodeState) -> DecodeState:
+        """The state with the host page table on the device (when it changed)."""
+        pool = self._pool()
+        if not pool.dirty:
+            return state
+        pool.dirty = False
+        # From the host copy every process holds alike (the allocator is deterministic), so this
+        # also places it on a multi-process mesh.
+        host = pool.local_table()  # each device's decode indexes its own pages
+        table = jax.make_array_from_callback(host.shape, self.state_shardings["cache"]["page_table"],
+                                             lambda idx: host[idx])
+        return dict(state, cache=dict(state["cache"], page_table=table))
+
+    # -- prefill: the dense program, plus the host facts insert needs --------------------------
+    def prefill(self, params: Params, padded_tokens, true_length: int, *, key=None,
+                sampling: SamplingParams = SamplingParams()) -> tuple[Prefix, ResultTokens]:
+        """`Engine.prefill`; the prefix also records its prompt length for page sharing."""
+        prefix, first = super().prefill(params, padded_tokens, true_length, key=key,
+                                        sampling=sampling)
+        return dict(prefix, host=PrefixPages(int(true_length))), first
+
+    def prefill_prefix(self, params: Params, padded_tokens, true_length: int) -> Prefix:
+        """`Engine.prefill_prefix`; the prefix also records its prompt length for page sharing."""
+        prefix = super().prefill_prefix(params, padded_tokens, true_length)
+        return dict(prefix, host=PrefixPages(int(true_length)))
+
+    # -- insert --------------------------------------------------------------------------------
+    def _shared_count(self, prefix: Prefix) -> int:
+        # Pages wholly before the last prompt token, which decoding rewrites (in a private page).
+        return (prefix["host"].true_length - 1) // self.page_size
+
+    def _reusable(self, prefix: Prefix, shard: int) -> bool:
+        shared = prefix["host"].shared.get(shard)
+        return shared is not None and self._pool().alive(*shared)
+
+    def _needs(self, prefix: Prefix, slots: Sequence[int], num_steps: int = 0) -> np.ndarray:
+        """Free pages per shard that inserting `prefix` into `slots` takes, plus room for
+        `num_steps` tokens each."""
+        pool, need = self._pool(), np.zeros((self.shards,), np.int64)
+        ahead = pages_for(num_steps, self.page_size) if num_steps else 0
+        for d in {int(pool.slot_shard[s]) for s in slots}:
+            need[d] = 0 if self._reusable(prefix, d) else self._shared_count(prefix)
+        for s in slots:
+            need[pool.slot_shard[s]] += 1 + ahead
+        return need
+
+    def admissible(self, prefix: Prefix, slots: Sequence[int], num_steps: int) -> int:
+        """How many of `slots` (in order) can take samples of `prefix` now with room to decode
+        `num_steps` steps, leaving the live slots room for theirs (so admitting preempts nobody)."""
+        room = self._room(num_steps)
+        n = len(slots)
+        while n and (self._needs(prefix, slots[:n], num_steps) > room).any():
+            n -= 1
+        return n
+
+    def resumable(self, preempted: Preempted, slot: int, num_steps: int) -> bool:
+        """Whether `preempted` fits back into `slot` now with room for `num_steps` steps."""
+        need = min(pages_for(preempted.length + num_steps, self.page_size), self.pages_per_slot)
+        return need <= self._room(num_steps)[self._pool().slot_shard[slot]]
+
+    def _room(self, num_steps: int) -> np.ndarray:
+        """Free pages per shard once every live slot has pages for `num_steps` more tokens."""
+        pool = self._pool()
+        room = np.asarray([pool.free_in(d) for d in range(self.shards)], np.int64)
+        for s in np.nonzero(pool.active)[0]:
+            room[pool.slot_shard[s]] -= pool.shortfall(
+                s, min(pool.lengths[s] + num_steps, self.max_target_length))
+        return room
+
+    def insert_many(self, prefix: Prefix, decode_state: DecodeState, slots: Sequence[int], *,
+                    keys: Sequence[jax.Array] | jax.Array | None = None,
+                    max_new_tokens: int | None = None) -> DecodeState:
+        """Inserts one prefix into several slots, sharing its full pages (see the module doc)."""
+        n = len(slots)
+        if n == 0:
+            return decode_state
+        if any(not 0 <= s < self._slots for s in slots):
+            raise ValueError(f"slots {list(slots)} out of range [0, {self._slots})")
+        pool, meta = self._pool(), prefix["host"]
+        for s in slots:  # JetStream semantics: inserting into a busy slot replaces its sample
+            pool.release(s)
+        bucket = int(prefix["k"].shape[3])
+        n_prefix, n_shared = pages_for(bucket, self.page_size), self._shared_count(prefix)
+        need = self._needs(prefix, slots)
+        free = np.asarray([pool.free_in(d) for d in range(self.shards)])
+        if (need > free).any():
+            raise RuntimeError(f"KV pool exhausted: inserting {n} samples takes {need.tolist()} "
+                               f"pages per shard, {free.tolist()} are free; check "
+                               "Engine.admissible first or raise rollout.kv_pool_tokens")
+        width = 1 << (n - 1).bit_length()
+        write = np.full((width, n_prefix), self.num_pages, np.int32)  # out of range: not written
+        for w, s in enumerate(slots):
+            d = int(pool.slot_shard[s])
+            if self._reusable(prefix, d):
+                shared = list(meta.shared[d][0])
+                pool.incref(shared)
+            else:  # the first of this shard's slots writes the shard's copy
+                shared = pool.alloc(n_shared, d)
+                meta.shared[d] = (shared, pool.stamp[shared].tolist())
+                write[w, :n_shared] = shared
+            own = pool.alloc(1, d)
+            write[w, n_shared] = own[0]
+            pool.assign(s, shared + own, meta.true_length - 1)
+
+        slot_arr = np.full((width,), self._slots, np.int32)
+        slot_arr[:n] = slots
+        key_arr = np.zeros((width, 2), np.uint32)
+        if keys is not None:
+            kd = np.asarray(jax.device_get(jax.random.key_data(jnp.stack(list(keys)))
+                                           if not isinstance(keys, np.ndarray) else keys))
+            key_arr[:n] = kd.reshape(n, 2)
+        budget = self.max_target_length if max_new_tokens is None else int(max_new_tokens)
+        sig = (bucket, width)
+        if sig not in self._insert:
+            self._insert[sig] = self._build_paged_insert(bucket, width)
+        arrays = {k: prefix[k] for k in ("k", "v", "true_length", "last_token")}
+        return self._insert[sig](arrays, decode_state, jnp.asarray(slot_arr), jnp.asarray(key_arr),
+                                 jnp.int32(budget), jnp.asarray(write))
+
+    def _prefix_pages(self, x: jax.Array, n_prefix: int) -> jax.Array:
+        """A prefix cache [L, 1, K, bucket, hd] as pages [L, n_prefix, K, P, hd]."""
+        p = self.page_size
+        x = jnp.pad(x[:, 0], ((0, 0), (0, 0), (0, n_prefix * p - x.shape[3]), (0, 0)))
+        x = x.reshape(x.shape[0], x.shape[1], n_prefix, p, x.shape[-1])
+        return jnp.transpose(x, (0, 2, 1, 3, 4))
+
+    def _build_paged_insert(self, bucket: int, width: int):
+        rep = self._replicated
+        n_prefix = pages_for(bucket, self.page_size)
+
+        def fn(prefix, state, slots, keys, budget, write):
+            cache = state["cache"]
+
+            def put(pool, x):
+                pages = self._prefix_pages(x.astype(pool.dtype), n_prefix)
+                pages = jnp.broadcast_to(pages[:, None], (pages.shape[0], width) + pages.shape[1:])
+                return pool.at[:, write].set(pages, mode="drop")
+
+            fill = lambda arr, val: arr.at[slots].set(val, mode="drop")  # noqa: E731
+            return {
+                "cache": {"k": put(cache["k"], prefix["k"]), "v": put(cache["v"], prefix["v"]),
+                          "lengths": fill(cache["lengths"], prefix["true_length"] - 1),
+                          "page_table": cache["page_table"]},
+                "tokens": fill(state["tokens"], prefix["last_token"]),
+                "active": fill(state["active"], True),
+                "generated": fill(state["generated"], 0),
+                "limit": fill(state["limit"], budget),
+                "keys": state["keys"].at[slots].set(keys, mode="drop"),
+            }
+
+        return jax.jit(fn, donate_argnums=(1,),
+                       in_shardings=(None, self.state_shardings, rep, rep, rep, rep),
+                       out_shardings=self.state_shardings)
+
+    # -- page reservation, preemption, resumption ----------------------------------------------
+    def reserve(self, decode_state: DecodeState, num_steps: int
+                ) -> tuple[DecodeState, list[tuple[int, Preempted]]]:
+        """Gives every live slot pages for `num_steps` more tokens, preempting the newest samples
+        while the pool is short. Returns (state, [(slot, preempted sample)]); those slots are free."""
+        pool = self._pool()
+        preempted = []
+        while (room := self._room(num_steps)).min() < 0:
+            short = int(np.argmin(room))
+            live = np.nonzero(pool.active & (pool.slot_shard == short))[0]
+            victim = int(live[np.argmax(pool.order[live])])
+            decode_state, saved = self.preempt(decode_state, victim)
+            preempted.append((victim, saved))
+        self._grow(num_steps)
+        return decode_state, preempted
+
+    def _grow(self, num_steps: int) -> None:
+        pool = self._pool()
+        for s in np.nonzero(pool.active)[0]:
+            pool.grow(int(s), min(int(pool.lengths[s]) + num_steps, self.max_target_length))
+
+    def preempt(self, decode_state: DecodeState, slot: int) -> tuple[DecodeState, Preempted]:
+        """Moves slot `slot`'s sample to the host and frees the slot and its pages."""
+        pool = self._pool()
+        if self._preempt_fn is None:
+            rep = self._replicated
+
+            def fn(state, slot, ids):
+                cache = state["cache"]
+                take = lambda x: jnp.take(x, ids, axis=1, mode="clip")  # noqa: E731
+                saved = {"k": take(cache["k"]), "v": take(cache["v"]),
+                         "lengths": cache["lengths"][slot]}
+                saved.update({k: state[k][slot] for k in ("tokens", "generated", "limit", "keys")})
+                return dict(state, active=state["active"].at[slot].set(False)), saved
+
+            self._preempt_fn = jax.jit(fn, donate_argnums=(0,),
+                                       in_shardings=(self.state_shardings, rep, rep),
+                                       out_shardings=(self.state_shardings, rep))
+        decode_state, saved = self._preempt_fn(decode_state, jnp.int32(slot),
+                                               jnp.asarray(pool.table[slot]))
+        saved = {k: np.asarray(v) for k, v in tree_to_host(saved).items()}
+        length, order = int(pool.lengths[slot]), int(pool.order[slot])
+        pool.release(slot)
+        self.preemptions += 1
+        return decode_state, Preempted(saved, length, order)
+
+    def resume(self, decode_state: DecodeState, slot: int, preempted: Preempted) -> DecodeState:
+        """Puts a preempted sample back into slot `slot` (its pages into fresh pool pages)."""
+        pool = self._pool()
+        pool.release(slot)
+        n = pages_for(preempted.length, self.page_size)
+        pages = pool.alloc(n, int(pool.slot_shard[slot]))  # raises if short: check resumable
+        ids = np.full((self.pages_per_slot,), self.num_pages, np.int32)
+        ids[:n] = pages
+        if self._resume_fn is None:
+            rep = self._replicated
+
+            def fn(state, slot, ids, saved):
+                cache = state["cache"]
+                put = lambda pool, x: pool.at[:, ids].set(x.astype(pool.dtype), mode="drop")  # noqa
+                set_ = lambda arr, val: arr.at[slot].set(val)  # noqa: E731
+                return {
+                    "cache": {"k": put(cache["k"], saved["k"]), "v": put(cache["v"], saved["v"]),
+                              "lengths": set_(cache["lengths"], saved["lengths"]),
+                              "page_table": cache["page_table"]},
+                    "tokens": set_(state["tokens"], saved["tokens"]),
+                    "active": set_(state["active"], True),
+                    "generated": set_(state["generated"], saved["generated"]),
+                    "limit": set_(state["limit"], saved["limit"]),
+                    "keys": set_(state["keys"], saved["keys"]),
+                }
+
+            self._resume_fn = jax.jit(fn, donate_argnums=(0,),
+                                      in_shardings=(self.state_shardings, rep, rep, rep),
+                                      out_shardings=self.state_shardings)
+        saved = {k: jnp.asarray(v) for k, v in preempted.arrays.items()}
+        decode_state = self._resume_fn(decode_state, jnp.int32(slot), jnp.asarray(ids), saved)
+        pool.assign(slot, pages, preempted.length)
+        pool.order[slot] = preempted.order
+        return decode_state
+
+    # -- generate ------------------------------------------------------------------------------
+    def generate(self, params: Params, decode_state: DecodeState, *, num_steps: int = 1,
+                 sampling: SamplingParams = SamplingParams()) -> tuple[DecodeState, ResultTokens]:
+        """`Engine.generate`; finished samples give their pages back. Live slots must have room for
+        `num_steps` tokens (`reserve` makes it; without it a short pool raises)."""
+        state, out = self.generate_async(params, decode_state, num_steps=num_steps,
+                                         sampling=sampling, _track=False)
+        out = tree_to_host(out)
+        res = ResultTokens(**{k: np.asarray(v) for k, v in out.items()})
+        pool = self._pool()
+        pool.lengths += res.valid.sum(axis=0)
+        for s in np.nonzero(res.done.any(axis=0))[0]:
+            pool.release(int(s))
+        return state, res
+
+    def generate_async(self, params: Params, decode_state: DecodeState, *, num_steps: int = 1,
+                       sampling: SamplingParams = SamplingParams(), _track: bool = True):
+        """`Engine.generate_async`. Without the results the host cannot tell which samples ended:
+        their pages return when their slots are inserted into again."""
+        pool = self._pool()
+        self._grow(num_steps)  # raises if the pool is short: call reserve first
+        state = self._with_table(decode_state)
+        state, out = self.generate_program(num_steps, sampling)(params, state)
+        if _track:  # an upper bound of each live slot's length, enough to reserve pages by
+            pool.lengths[pool.active] += num_steps
+        return state, out
+
+    def kv_stats(self) -> dict[str, int]:
+        """Pool size, pages in use and the most ever in use, preemptions so far."""
+        pool = self._pool()
+        return {"kv_pages": self.num_pages, "kv_pages_used": pool.used_pages,
+                "kv_peak_pages": pool.peak_pages, "preemptions": self.preemptions}
+
+
+def build_engine(model_config: ModelConfig, *, kv_cache: str = "dense", kv_pool_tokens: int = 0,
+                 kv_page_size: int = DEFAULT_PAGE_SIZE, **kwargs: Any) -> Engine:
+    """An `Engine` (dense KV cache) or a `PagedEngine`, by `kv_cache` (one of KV_CACHE_CHOICES)."""
+    if kv_cache == "dense":
+        return Engine(model_config, **kwargs)
+    if kv_cache == "paged":
+        return PagedEngine(model_config, kv_pool_tokens=kv_pool_tokens, kv_page_size=kv_page_size,
+                           **kwargs)
+    raise ValueError(f"unknown kv_cache {kv_cache!r}; choose one of {list(KV_CACHE_CHOICES)}")
