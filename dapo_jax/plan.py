@@ -37,6 +37,7 @@ from dapo_jax.models.attention import score_block_bytes
 from dapo_jax.models.config import ModelConfig
 from dapo_jax.models.qwen2 import jnp_dtype, param_shapes
 from dapo_jax.models.sharding import MESH_AXES, make_mesh
+from dapo_jax.sampler import KVPoolPlan, build_engine, kv_pool_plan
 from dapo_jax.sampler.engine import Engine
 from dapo_jax.runtime.cli_errors import VERBOSE_HELP, UserError, absl_flags_parser, run_cli
 from dapo_jax.runtime.topology import GIB, Topology, custom_topology, parse_topology
@@ -110,6 +111,12 @@ class Shapes:
     token_budget: int = 0
     row_length: int = 0
     rows_per_device: int = 0
+    # The rollout's KV cache (rollout.kv_cache): "paged" = a pool of kv_pool_tokens (0: slots x
+    # max length) in pages of kv_page_size tokens; "dense" = one max-length row per slot.
+    kv_cache: str = "dense"
+    kv_pool_tokens: int = 0
+    kv_page_size: int = 16
+    samples_per_prompt: int = 1
 
     @property
     def batch_shards(self) -> int:
@@ -378,10 +385,31 @@ def _engine(cfg: ModelConfig, mesh: Mesh, shapes: Shapes) -> Engine:
     # Stop ids change no buffer: the model's EOS stands in for the tokenizer's.
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else 0
     stop = eos if isinstance(eos, (list, tuple)) else [eos]
-    return Engine(cfg, max_concurrent_decodes=shapes.slots, max_prefill_length=shapes.prompt_len,
-                  max_target_length=shapes.seq_len, stop_token_ids=stop,
-                  mesh=mesh, cache_dtype=shapes.cache_dtype,
-                  decode_layout=shapes.decode_layout)
+    return build_engine(cfg, kv_cache=shapes.kv_cache, kv_pool_tokens=shapes.kv_pool_tokens,
+                        kv_page_size=shapes.kv_page_size, max_concurrent_decodes=shapes.slots,
+                        max_prefill_length=shapes.prompt_len, max_target_length=shapes.seq_len,
+                        stop_token_ids=stop, mesh=mesh, cache_dtype=shapes.cache_dtype,
+                        decode_layout=shapes.decode_layout)
+
+
+# The response length the concurrency estimate assumes: DAPO responses average about a quarter
+# of the maximum early in training (they grow later; the at-maximum count is the floor).
+EXPECTED_RESPONSE_FRACTION = 0.25
+
+
+def kv_pool(shapes: Shapes, cfg: ModelConfig) -> KVPoolPlan | None:
+    """The paged KV pool of the rollout phase (None for the dense cache): pages, bytes and how many
+    samples fit at once, per (data, fsdp) shard of the slots and pages."""
+    if shapes.kv_cache != "paged":
+        return None
+    shards = shapes.batch_shards if shapes.slots % shapes.batch_shards == 0 else 1
+    response = shapes.seq_len - shapes.prompt_len
+    return kv_pool_plan(cfg, shapes.kv_pool_tokens, shapes.kv_page_size, slots=shapes.slots,
+                        max_target_length=shapes.seq_len, cache_dtype=shapes.cache_dtype,
+                        expected_length=shapes.prompt_len + int(EXPECTED_RESPONSE_FRACTION
+                                                                * response),
+                        samples_per_prompt=shapes.samples_per_prompt,
+                        prompt_length=shapes.prompt_len, shards=shards)
 
 
 def _abstract_decode_state(engine: Engine) -> Any:
@@ -510,7 +538,10 @@ def planned_shapes(config, cfg: ModelConfig, mesh: Mesh) -> Shapes:
         row_length, rows = layout.buckets[-1]
         packed = dict(packing=True, token_budget=layout.budget, row_length=row_length,
                       rows_per_device=rows)
-    return Shapes(**packed,preset=config.model.preset or config.model.path, num_params=cfg.num_params,
+    r = config.rollout
+    return Shapes(**packed, kv_cache=str(r.get("kv_cache", "dense")),
+                  kv_pool_tokens=int(r.get("kv_pool_tokens", 0)),
+                  kv_page_size=int(r.get("kv_page_size", 16)), samples_per_prompt=int(r.n),preset=config.model.preset or config.model.path, num_params=cfg.num_params,
                   param_dtype=cfg.param_dtype, dtype=cfg.dtype,
                   cache_dtype=config.rollout.cache_dtype or cfg.dtype, remat=cfg.remat,
                   mesh={a: int(mesh.shape[a]) for a in MESH_AXES}, micro_batch_size=micro,
@@ -695,6 +726,25 @@ def plan(config, topology: Topology | str | None = None, *, devices: int | None 
 # Report.
 
 
+def _decode_line(s: Shapes, cfg: ModelConfig) -> str:
+    pool = kv_pool(s, cfg)
+    if pool is None:
+        return (f"decode {s.slots} slots x {s.seq_len} tokens (dense KV cache), cache "
+                f"{s.cache_dtype}, {s.steps_per_sync} steps per call")
+    shards = s.batch_shards if s.slots % s.batch_shards == 0 else 1
+    chips = math.prod(s.mesh.values())
+    expected = s.prompt_len + int(EXPECTED_RESPONSE_FRACTION * (s.seq_len - s.prompt_len))
+    per = lambda n: f"{n / chips:.1f}"  # noqa: E731  (a sample decodes on its tensor group)
+    return (f"decode {s.slots} slots, paged KV cache: {pool.num_pages:,} pages of {pool.page_size} "
+            f"tokens ({pool.num_pages * pool.page_size:,} tokens, {pool.num_pages // shards:,} pages "
+            f"per data x fsdp shard), cache {s.cache_dtype}, {s.steps_per_sync} steps per call; "
+            f"concurrent samples: {pool.concurrent_samples_at_max} at the maximum "
+            f"{s.seq_len:,} tokens, {pool.concurrent_samples} at {expected:,} tokens (a quarter of "
+            f"the max response), i.e. {per(pool.concurrent_samples_at_max)} / "
+            f"{per(pool.concurrent_samples)} per chip ({s.samples_per_prompt} samples per prompt "
+            f"share their prompt pages)")
+
+
 def format_report(result: PlanResult) -> str:
     """A human-readable per-device memory table, verdict and suggestions."""
     m, t = result.measurement, result.topology
@@ -722,8 +772,7 @@ def format_report(result: PlanResult) -> str:
         f"Memory plan: {s.preset} ({s.num_params / 1e9:.2f}B params) on {t.name}: {t.chips} "
         f"devices x {t.hbm_gib:.1f} GiB HBM, {t.hosts} host(s)",
         batch_line,
-        f"decode {s.slots} slots x {s.seq_len} tokens, cache {s.cache_dtype}, "
-        f"{s.steps_per_sync} steps per call",
+        _decode_line(s, m.model),
         f"compile time: train {step_name} {m.train.compile_seconds:.1f} s, decode step "
         f"{m.decode.compile_seconds:.1f} s (lower + compile on XLA:CPU)",
         "",
@@ -754,7 +803,8 @@ def format_report(result: PlanResult) -> str:
         f"{g(a.params + a.opt_state):>10}",
         f"{'  sampler params (sampling layout, ' + s.dtype + ')':<52}{'':>9}"
         f"{g(a.sampler_params):>10}",
-        f"{'  KV cache (' + s.cache_dtype + ')':<52}{'':>9}{g(a.kv_cache):>10}",
+        f"{'  KV cache (' + s.cache_dtype + (', paged pool' if s.kv_cache == 'paged' else '') + ')':<52}"
+        f"{'':>9}{g(a.kv_cache):>10}",
         f"{'  = decode arguments (sampler params + decode state)':<52}"
         f"{g(m.decode.argument_bytes)}{g(a.sampler_params + a.decode_state):>10}",
         f"{'  decode temporaries (XLA:CPU)':<52}{g(m.decode.temp_bytes)}",

@@ -36,8 +36,8 @@ def test_every_trained_sample_is_packed_once_and_ranks_are_balanced(seed):
     pm = batching.pack_minibatch(prompts, responses, logprobs, advantages, in_loss, layout,
                                  pad_id=0)
     f = pm.fields
-    rows_per_rank = dict((length, rows) for length, rows in layout.buckets)[pm.row_length]
-    assert f["input_ids"].shape == (pm.num_micro, ranks * rows_per_rank, pm.row_length)
+    assert (f["input_ids"].shape[1], pm.row_length) in layout.shapes()
+    assert f["input_ids"].shape[0] == pm.num_micro
     trained = [i for i in range(n) if in_loss[i] and len(responses[i])]
     # The exact counts of the mini-batch: response tokens in the loss and samples with any.
     assert pm.token_count == sum(len(responses[i]) for i in trained)
@@ -76,8 +76,32 @@ def test_shapes_come_from_the_buckets_whatever_the_lengths():
         pm = batching.pack_minibatch(prompts, responses, logprobs, np.ones(16), np.ones(16),
                                      layout, pad_id=0)
         shapes.add(pm.fields["input_ids"].shape[1:])
-    assert shapes <= {(2 * rows, length) for length, rows in layout.buckets}
-    assert len(shapes) > 1  # short and long mini-batches use different buckets
+    assert shapes <= layout.shapes()
+    assert len({length for _, length in shapes}) > 1  # short and long mini-batches: other buckets
+
+
+def test_row_counts_are_powers_of_two_up_to_the_budget():
+    layout = batching.packing_layout(2048 + 20480, 90112, num_ranks=8, num_buckets=3)
+    assert layout.row_counts(22528) == (1, 2, 4)
+    assert layout.row_counts(5632) == (1, 2, 4, 8, 16)
+    odd = batching.packing_layout(100, 600, num_ranks=1, num_buckets=1)
+    assert odd.buckets == ((112, 5),) and odd.row_counts(112) == (1, 2, 4, 5)
+    assert len(layout.shapes()) == 3 + 4 + 5
+
+
+def test_a_short_mini_batch_computes_its_rows_not_the_whole_budget():
+    rng = np.random.default_rng(0)
+    layout = batching.packing_layout(64, 64 * 16, num_ranks=2)  # 16 full rows per rank
+    prompts, responses, logprobs = _samples(rng, 6, 8, 40)
+    pm = batching.pack_minibatch(prompts, responses, logprobs, np.ones(6), np.ones(6), layout,
+                                 pad_id=0)
+    # Six samples of <= 48 tokens need at most 6 rows: one micro-batch of a few rows per rank.
+    assert pm.num_micro == 1 and pm.fields["input_ids"].shape[1] <= 2 * 4
+    big = batching.pack_minibatch(*_samples(rng, 200, 8, 40), np.ones(200), np.ones(200), layout,
+                                  pad_id=0)
+    # Many samples: full micro-batches of the budget's 16 rows per rank.
+    assert big.fields["input_ids"].shape[1] in (2 * 16, 2 * 8)
+    assert big.fill > 0.5
 
 
 def test_nothing_to_train_gives_one_empty_micro_batch():

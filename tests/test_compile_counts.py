@@ -63,13 +63,24 @@ def test_training_steps_rollouts_and_evaluations_after_warmup_compile_nothing(tm
     assert rollout.total == 0, f"rollout after the evaluation: {rollout}"
 
 
-def test_packed_updates_build_one_program_per_row_bucket(tmp_path):
-    """Mini-batches of any lengths reuse the programs of their row bucket: after one update per
-    bucket, updates of new lengths compile nothing."""
+def test_packed_updates_build_one_program_per_micro_batch_shape(tmp_path, monkeypatch):
+    """Mini-batches of any lengths reuse the programs of their (rows, row length) shape, of which
+    the layout allows a few: programs never exceed them, and new lengths whose shapes were seen
+    compile nothing."""
+    from dapo_jax.training import batching
     c = small_config()
     tr = Trainer(c, str(tmp_path), progress=False, reward_fn=text_hash_scores)
     n, R = c.trainer.mini_batch_size, tr.R
     rng = np.random.default_rng(0)
+    shapes = []
+    real_pack = batching.pack_minibatch
+
+    def recording_pack(*args, **kwargs):
+        pm = real_pack(*args, **kwargs)
+        shapes.append((pm.fields["input_ids"].shape[1], pm.row_length))
+        return pm
+
+    monkeypatch.setattr(batching, "pack_minibatch", recording_pack)
 
     def batch(prompt_len: int, response_len: int) -> dict:
         lengths = np.minimum(rng.integers(1, response_len + 1, size=n), R)
@@ -84,20 +95,22 @@ def test_packed_updates_build_one_program_per_row_bucket(tmp_path):
         out["prompt_mask"][:, tr.P - prompt_len:] = 1
         return out
 
-    buckets = [length for length, _ in tr.layout.buckets]
-    assert len(buckets) == 3
-    # Longest sample 12, 22 and 52 tokens: one mini-batch in each bucket (16, 32, 64 tokens).
-    first = [batch(10, 2), batch(10, 12), batch(40, R)]
-    assert [tr.layout.bucket_for(int(b["prompt_mask"][0].sum() + b["response_mask"][0].sum()))[0]
-            for b in first] == buckets
+    assert len(tr.layout.buckets) == 3
+    sizes = [(10, 2), (10, 12), (40, R), (4, 6), (30, R), (8, 10)]
     with count_compiles() as warmup:
-        for b in first:
-            tr._update_packed(b, _Timer())
+        for p, r in sizes:
+            tr._update_packed(batch(p, r), _Timer())
     assert warmup.compiles, str(warmup)
+    assert {length for _, length in shapes} == {length for length, _ in tr.layout.buckets}
+    assert set(shapes) <= tr.layout.shapes()
+    seen = set(shapes)
+    # New random lengths of the same sizes: packed into shapes already compiled, or counted.
+    shapes.clear()
     with count_compiles() as later:
-        for b in (batch(9, 3), batch(8, 11), batch(30, R - 1), batch(40, R)):
-            tr._update_packed(b, _Timer())
+        for p, r in sizes:
+            tr._update_packed(batch(p, r), _Timer())
     tr.close()
-    assert later.total == 0, f"new lengths in known buckets: {later}"
-    assert tr.grad_fn._cache_size() == len(buckets)
-    assert tr.packed_logprob_fn._cache_size() == len(buckets)
+    assert set(shapes) <= seen  # (seeded: the second round's shapes were all seen in the first)
+    assert later.total == 0, f"new lengths in known shapes: {later}"
+    assert tr.grad_fn._cache_size() == len(seen) <= len(tr.layout.shapes())
+    assert tr.packed_logprob_fn._cache_size() == tr.grad_fn._cache_size()

@@ -75,6 +75,18 @@ class PackingLayout:
     num_ranks: int  # data-parallel ranks (mesh data x fsdp)
     buckets: tuple[tuple[int, int], ...]  # (row_length, rows_per_rank), shortest rows first
 
+    def row_counts(self, row_length: int) -> tuple[int, ...]:
+        """Rows per rank a micro-batch of `row_length` rows may have: powers of two up to the
+        bucket's budget (a mini-batch with few tokens gets fewer rows, not the full budget)."""
+        most = dict(self.buckets)[row_length]
+        counts = [1 << i for i in range(most.bit_length()) if 1 << i < most]
+        return tuple(counts + [most])
+
+    def shapes(self) -> set[tuple[int, int]]:
+        """Every (rows, row_length) a micro-batch can have: one compiled program each."""
+        return {(self.num_ranks * rows, length) for length, _ in self.buckets
+                for rows in self.row_counts(length)}
+
     def bucket_for(self, longest: int) -> tuple[int, int]:
         """The shortest bucket whose rows hold a sample of `longest` tokens."""
         for row_length, rows in self.buckets:
@@ -148,12 +160,18 @@ def pack_minibatch(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray
 
     keep = [i for i in range(len(responses)) if in_loss[i] and len(responses[i]) > 0]
     sample_lengths = np.asarray([len(prompts[i]) + len(responses[i]) for i in keep], np.int64)
-    row_length, rows_per_rank = layout.bucket_for(int(sample_lengths.max()) if keep else 1)
-    slots = layout.num_ranks * rows_per_rank
+    row_length, most_rows = layout.bucket_for(int(sample_lengths.max()) if keep else 1)
+    rows_per_rank = 1
     if keep:
         plan = packing.pack(sample_lengths, row_length)
         row_tokens = np.bincount(plan.row, weights=sample_lengths, minlength=plan.num_rows)
-        num_micro = -(-plan.num_rows // slots)
+        num_micro = -(-plan.num_rows // (layout.num_ranks * most_rows))
+        # As many micro-batches as the budget needs, each with the fewest rows (of the allowed
+        # counts) that hold an even share: a short mini-batch computes its tokens, not the budget.
+        need = -(-plan.num_rows // (layout.num_ranks * num_micro))
+        rows_per_rank = min(c for c in layout.row_counts(row_length) if c >= need)
+    slots = layout.num_ranks * rows_per_rank
+    if keep:
         bins = _balance(row_tokens, num_micro * layout.num_ranks, rows_per_rank)
         # Bin b = micro m, rank d (b = m * ranks + d); rank d's rows are d*rows .. (d+1)*rows - 1
         # of its micro-batch, which is the slice of axis 0 that the batch sharding gives it.
