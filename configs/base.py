@@ -72,6 +72,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.toy.min_digits = 1
     c.data.toy.max_digits = 2
     c.data.toy.operators = "+-"
+    # Fixed-shape problem kinds instead of the knobs above, e.g. "3+3,2*1" (3-digit + 3-digit and
+    # 2-digit x 1-digit); "" = the knobs.
+    c.data.toy.kinds = ""
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.n = 16  # samples per prompt (group size G)

@@ -41,7 +41,8 @@ def toy_config(c: ml_collections.ConfigDict) -> dp.ToyArithmeticConfig:
     return dp.ToyArithmeticConfig(seed=c.seed, num_train=t.num_train, num_heldout=t.num_heldout,
                                   min_operands=t.min_operands, max_operands=t.max_operands,
                                   min_digits=t.min_digits, max_digits=t.max_digits,
-                                  operators=str(t.operators), template=c.data.template)
+                                  operators=str(t.operators), template=c.data.template,
+                                  kinds=str(t.get("kinds", "")))
 
 
 def dataset_name(spec: str) -> str:

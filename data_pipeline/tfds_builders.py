@@ -199,6 +199,8 @@ def toy_builder_config(config: ToyArithmeticConfig) -> tfds.core.BuilderConfig:
     """A BuilderConfig named after a hash of the knobs and the template's text, so each distinct toy
     set gets its own cache folder."""
     knobs = dataclasses.asdict(config)
+    if not knobs["kinds"]:  # configs without kinds keep the cache names they had before it existed
+        del knobs["kinds"]
     key = {**knobs, "template_text": dataclasses.asdict(get_template(config.template))}
     return tfds.core.BuilderConfig(
         name=_config_name(f"seed{config.seed}", key), description=json.dumps(knobs, sort_keys=True)

@@ -26,6 +26,10 @@ class ToyArithmeticConfig:
     operators: str = "+-*"
     template: str = "short"  # "short" keeps prompts ~20-40 tokens; "dapo" is the full DAPO wording
     heldout_fraction: float = 0.1  # share of the problem space reserved for held-out
+    # Fixed-shape problem kinds instead of the operand / digit / operator knobs above: a comma-separated
+    # list of "D op E" (digit counts of the two operands), each problem drawing a kind uniformly,
+    # e.g. "3+3,2*1" = 3-digit addition and 2-digit by 1-digit multiplication. Empty = the knobs.
+    kinds: str = ""
 
     def __post_init__(self) -> None:
         if not 2 <= self.min_operands <= self.max_operands:
@@ -41,6 +45,21 @@ class ToyArithmeticConfig:
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         get_template(self.template)
+        parse_kinds(self.kinds)
+
+
+def parse_kinds(kinds: str) -> list[tuple[int, str, int]]:
+    """The (digits, operator, digits) kinds of `ToyArithmeticConfig.kinds` ("3+3,2*1"); [] when empty."""
+    parsed = []
+    for kind in (k.strip() for k in kinds.split(",") if k.strip()):
+        op = next((o for o in _OPERATORS if o in kind), None)
+        left, _, right = kind.partition(op) if op else ("", "", "")
+        if not (left.strip().isdigit() and right.strip().isdigit()) or not (
+                1 <= int(left) <= 9 and 1 <= int(right) <= 9):
+            raise ValueError(f"kinds entry {kind!r} is not 'D op E' with digit counts 1-9 and op in "
+                             f"{_OPERATORS!r}, e.g. kinds='3+3,2*1'")
+        parsed.append((int(left), op, int(right)))
+    return parsed
 
 
 def _tokens(expression: str) -> list[str]:
@@ -95,15 +114,22 @@ def _is_heldout(expression: str, fraction: float) -> bool:
     return int.from_bytes(digest, "big") % 10_000 < round(fraction * 10_000)
 
 
+def _draw_operand(rng: random.Random, digits: int) -> str:
+    low = 0 if digits == 1 else 10 ** (digits - 1)
+    return str(rng.randint(low, 10**digits - 1))
+
+
 def _draw_expression(rng: random.Random, config: ToyArithmeticConfig) -> str:
+    kinds = parse_kinds(config.kinds)
+    if kinds:
+        left, op, right = rng.choice(kinds)
+        return f"{_draw_operand(rng, left)} {op} {_draw_operand(rng, right)}"
     n = rng.randint(config.min_operands, config.max_operands)
     parts = []
     for i in range(n):
-        digits = rng.randint(config.min_digits, config.max_digits)
-        low = 0 if digits == 1 else 10 ** (digits - 1)
         if i:
             parts.append(rng.choice(config.operators))
-        parts.append(str(rng.randint(low, 10**digits - 1)))
+        parts.append(_draw_operand(rng, rng.randint(config.min_digits, config.max_digits)))
     return " ".join(parts)
 
 
