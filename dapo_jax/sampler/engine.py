@@ -426,8 +426,10 @@ class Engine:
         return decode_state, []
 
     def resume(self, decode_state: DecodeState, slot: int, preempted: Any) -> DecodeState:
-        """Puts a preempted sample back (a dense cache never preempts)."""
-        raise NotImplementedError("the dense KV cache never preempts")
+        """Puts a preempted sample back: never needed, a dense cache never preempts (`reserve`
+        returns none), so a sample here came from another engine."""
+        raise RuntimeError(f"slot {slot}: resume() on a dense-KV-cache Engine, which never "
+                           "preempts; resume a preempted sample on the PagedEngine that made it")
 
     @property
     def kv_cache_bytes(self) -> int:
