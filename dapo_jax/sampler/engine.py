@@ -303,26 +303,35 @@ class Engine:
         return self.insert_many(prefix, decode_state, [slot],
                                 keys=None if key is None else [key], max_new_tokens=max_new_tokens)
 
+    def _check_slots(self, slots: Sequence[int]) -> None:
+        if any(not 0 <= s < self._slots for s in slots):
+            raise ValueError(f"slots {list(slots)} out of range [0, {self._slots})")
+
+    def _insert_args(self, slots: Sequence[int], keys: Sequence[jax.Array] | jax.Array | None,
+                     max_new_tokens: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+        """(slot indices, key data, token budget) of an insert, padded to a power-of-two width so
+        compiles stay few; padding slots are out of range, so their writes are dropped."""
+        n = len(slots)
+        width = 1 << (n - 1).bit_length()
+        slot_arr = np.full((width,), self._slots, np.int32)
+        slot_arr[:n] = slots
+        key_arr = np.zeros((width, 2), np.uint32)
+        if keys is not None:
+            kd = np.asarray(jax.device_get(jax.random.key_data(jnp.stack(list(keys)))
+                                           if not isinstance(keys, np.ndarray) else keys))
+            key_arr[:n] = kd.reshape(n, 2)
+        budget = self.max_target_length if max_new_tokens is None else int(max_new_tokens)
+        return slot_arr, key_arr, budget
+
     def insert_many(self, prefix: Prefix, decode_state: DecodeState, slots: Sequence[int], *,
                     keys: Sequence[jax.Array] | jax.Array | None = None,
                     max_new_tokens: int | None = None) -> DecodeState:
         """Inserts one prefix into several slots at once (the n samples of one prompt)."""
-        n = len(slots)
-        if n == 0:
+        if not slots:
             return decode_state
-        if any(not 0 <= s < self._slots for s in slots):
-            raise ValueError(f"slots {list(slots)} out of range [0, {self._slots})")
-        width = 1 << (n - 1).bit_length()  # pad to a power of two so compiles stay few
-        slot_arr = np.full((width,), self._slots, np.int32)  # out-of-range index: dropped
-        slot_arr[:n] = slots
-        if keys is None:
-            key_arr = np.zeros((width, 2), np.uint32)
-        else:
-            kd = np.asarray(jax.device_get(jax.random.key_data(jnp.stack(list(keys)))
-                                           if not isinstance(keys, np.ndarray) else keys))
-            key_arr = np.zeros((width, 2), np.uint32)
-            key_arr[:n] = kd.reshape(n, 2)
-        budget = self.max_target_length if max_new_tokens is None else int(max_new_tokens)
+        self._check_slots(slots)
+        slot_arr, key_arr, budget = self._insert_args(slots, keys, max_new_tokens)
+        width = len(slot_arr)
         bucket = int(prefix["k"].shape[3])
         sig = (bucket, width)
         if sig not in self._insert:

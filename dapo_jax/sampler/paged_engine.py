@@ -210,8 +210,7 @@ class PagedEngine(Engine):
         n = len(slots)
         if n == 0:
             return decode_state
-        if any(not 0 <= s < self._slots for s in slots):
-            raise ValueError(f"slots {list(slots)} out of range [0, {self._slots})")
+        self._check_slots(slots)
         pool, meta = self._pool(), prefix["host"]
         for s in slots:  # JetStream semantics: inserting into a busy slot replaces its sample
             pool.release(s)
@@ -223,7 +222,8 @@ class PagedEngine(Engine):
             raise RuntimeError(f"KV pool exhausted: inserting {n} samples takes {need.tolist()} "
                                f"pages per shard, {free.tolist()} are free; check "
                                "Engine.admissible first or raise rollout.kv_pool_tokens")
-        width = 1 << (n - 1).bit_length()
+        slot_arr, key_arr, budget = self._insert_args(slots, keys, max_new_tokens)
+        width = len(slot_arr)
         write = np.full((width, n_prefix), self.num_pages, np.int32)  # out of range: not written
         for w, s in enumerate(slots):
             d = int(pool.slot_shard[s])
@@ -238,14 +238,6 @@ class PagedEngine(Engine):
             write[w, n_shared] = own[0]
             pool.assign(s, shared + own, meta.true_length - 1)
 
-        slot_arr = np.full((width,), self._slots, np.int32)
-        slot_arr[:n] = slots
-        key_arr = np.zeros((width, 2), np.uint32)
-        if keys is not None:
-            kd = np.asarray(jax.device_get(jax.random.key_data(jnp.stack(list(keys)))
-                                           if not isinstance(keys, np.ndarray) else keys))
-            key_arr[:n] = kd.reshape(n, 2)
-        budget = self.max_target_length if max_new_tokens is None else int(max_new_tokens)
         sig = (bucket, width)
         if sig not in self._insert:
             self._insert[sig] = self._build_paged_insert(bucket, width)
