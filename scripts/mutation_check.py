@@ -46,6 +46,13 @@ MUTATIONS = (
         "global_token_count=None if legacy else jnp.sum(micro[\"response_mask\"]),",
         ("tests/test_trainer_reference.py",)),
     Mutation(
+        "packed_micro_batch_token_count",
+        "the packed update divides each micro-batch by its own token count, not the mini-batch's",
+        "dapo_jax/training/update.py",
+        "loss_agg_mode=loss.loss_agg_mode, global_token_count=token_count,",
+        "loss_agg_mode=loss.loss_agg_mode, global_token_count=jnp.sum(micro[\"response_mask\"]),",
+        ("tests/test_trainer_reference.py",)),
+    Mutation(
         "overlong_penalty_in_characters",
         "the trainer measures the soft overlong punishment in characters instead of tokens",
         "dapo_jax/training/trainer.py",
