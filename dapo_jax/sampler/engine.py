@@ -75,6 +75,16 @@ def prefill_buckets(max_prefill_length: int, min_bucket: int = 16) -> list[int]:
     return buckets
 
 
+def inserted_slot_state(state: DecodeState, slots: jax.Array, last_token: jax.Array,
+                        keys: jax.Array, budget: jax.Array) -> dict[str, jax.Array]:
+    """The per-slot decode fields of freshly inserted samples (every engine's insert sets these;
+    out-of-range padding slots are dropped)."""
+    fill = lambda arr, val: arr.at[slots].set(val, mode="drop")  # noqa: E731
+    return {"tokens": fill(state["tokens"], last_token), "active": fill(state["active"], True),
+            "generated": fill(state["generated"], 0), "limit": fill(state["limit"], budget),
+            "keys": state["keys"].at[slots].set(keys, mode="drop")}
+
+
 class Engine:
     """Slot-based continuous-batching decode engine for the Qwen2 policy.
 
@@ -352,14 +362,8 @@ class Engine:
                 mode="drop")
             start = prefix["true_length"] - 1  # resume from the last prompt token
             fill = lambda arr, val: arr.at[slots].set(val, mode="drop")  # noqa: E731
-            return {
-                "cache": {"k": k, "v": v, "lengths": fill(cache["lengths"], start)},
-                "tokens": fill(state["tokens"], prefix["last_token"]),
-                "active": fill(state["active"], True),
-                "generated": fill(state["generated"], 0),
-                "limit": fill(state["limit"], budget),
-                "keys": state["keys"].at[slots].set(keys, mode="drop"),
-            }
+            return {"cache": {"k": k, "v": v, "lengths": fill(cache["lengths"], start)},
+                    **inserted_slot_state(state, slots, prefix["last_token"], keys, budget)}
 
         return jax.jit(fn, donate_argnums=(1,),
                        in_shardings=(None, self.state_shardings, rep, rep, rep),

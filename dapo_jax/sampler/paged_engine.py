@@ -34,7 +34,8 @@ from dapo_jax.models.config import ModelConfig
 from dapo_jax.models.qwen2 import Params, jnp_dtype, mesh_axes_size, paged_cache_specs
 from dapo_jax.models.sharding import named_sharding
 from dapo_jax.runtime.host_transfer import tree_to_host
-from dapo_jax.sampler.engine import DecodeState, Engine, Prefix, ResultTokens
+from dapo_jax.sampler.engine import (DecodeState, Engine, Prefix, ResultTokens,
+                                     inserted_slot_state)
 from dapo_jax.sampler.paged_cache import KV_CACHE_CHOICES, PagePool, pages_for, pool_pages
 from dapo_jax.sampler.sampling import SamplingParams
 
@@ -269,11 +270,7 @@ class PagedEngine(Engine):
                 "cache": {"k": put(cache["k"], prefix["k"]), "v": put(cache["v"], prefix["v"]),
                           "lengths": fill(cache["lengths"], prefix["true_length"] - 1),
                           "page_table": cache["page_table"]},
-                "tokens": fill(state["tokens"], prefix["last_token"]),
-                "active": fill(state["active"], True),
-                "generated": fill(state["generated"], 0),
-                "limit": fill(state["limit"], budget),
-                "keys": state["keys"].at[slots].set(keys, mode="drop"),
+                **inserted_slot_state(state, slots, prefix["last_token"], keys, budget),
             }
 
         return jax.jit(fn, donate_argnums=(1,),
