@@ -63,7 +63,7 @@ def get_config(arg: str = ""):
     c.algo.dynamic_sampling.max_num_gen_batches = 3
     c.algo.dynamic_sampling.on_cap = "proceed"  # a short CPU run: train on what was found
 
-    c.optim.lr = 2e-6
+    c.optim.lr = 5e-6  # 20 updates: large enough to move within the run, Adam steps ~lr per weight
     c.optim.warmup_steps = 1
     c.optim.weight_decay = 0.0  # 20-odd steps: decay toward zero would only add noise
 

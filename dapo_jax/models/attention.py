@@ -110,133 +110,162 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 # Dense reference.
 
 
+def _heads_major(q: jax.Array, k: jax.Array, v: jax.Array):
+    """q [B,T,H,hd] -> [B,K,G*T,hd]; k, v [B,S,K,hd] -> [B,K,S,hd].
+
+    The G query heads that share a key/value head become G x T query rows, so every score and
+    value product is a plain batched matmul over (B, K) and every mask is [B, 1, G*T, S]. Both
+    matter on CPU: per-product transposes, and masks broadcast over a middle G axis, made the
+    backward pass 2-3x slower (docs/benchmarks.md, the `dapo_step` profile)."""
+    b, t, h, hd = q.shape
+    kvh = k.shape[2]
+    qh = jnp.transpose(q.reshape(b, t, kvh, h // kvh, hd), (0, 2, 3, 1, 4))
+    return qh.reshape(b, kvh, h // kvh * t, hd), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+
+
+def _query_rows(x: jax.Array, groups: int) -> jax.Array:
+    """Per-query ids [B,T] repeated for the G heads of a group: [B, G*T] (as `_heads_major`)."""
+    return jnp.tile(x, (1, groups))
+
+
+def _tokens_major(x: jax.Array, groups: int) -> jax.Array:
+    """[B,K,G*T,hd] -> [B,T,K*G,hd]."""
+    b, kvh, gt, hd = x.shape
+    x = x.reshape(b, kvh, groups, gt // groups, hd)
+    return jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(b, gt // groups, kvh * groups, hd)
+
+
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Materialised-scores GQA. q [B,T,H,hd], k/v [B,S,K,hd], mask [B,T,S] bool -> [B,T,H,hd].
 
     Query rows with no visible key output zeros.
     """
-    b, t, h, hd = q.shape
-    kvh = k.shape[2]
-    qg = q.reshape(b, t, kvh, h // kvh, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    hd, g = q.shape[-1], q.shape[2] // k.shape[2]
+    qh, kh, vh = _heads_major(q, k, v)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)
     scores = scores * (hd ** -0.5)
-    m = mask[:, None, None, :, :]
+    m = jnp.tile(mask, (1, g, 1))[:, None]
     scores = jnp.where(m, scores, _MASK_VALUE)
     probs = jnp.where(m, jax.nn.softmax(scores, axis=-1), 0.0).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, hd)
+    return _tokens_major(jnp.einsum("bkqs,bksd->bkqd", probs, vh), g)
 
 
 # ----------------------------------------------------------------------------------------------
 # Blockwise online softmax (flash attention in plain JAX).
 
 
-def _pad_keys(k, v, kv_seg, kv_pos, block):
-    s = k.shape[1]
+def _pad_keys(kh, vh, kv_seg, kv_pos, block):
+    """Heads-major keys/values [B,K,S,hd] and their ids [B,S] as n blocks of `block` keys:
+    [n,B,K,block,hd] and [n,B,block]."""
+    s = kh.shape[2]
     n = -(-s // block)
     pad = n * block - s
     if pad:
-        k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        kh = jnp.pad(kh, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        vh = jnp.pad(vh, ((0, 0), (0, 0), (0, pad), (0, 0)))
         kv_seg = jnp.pad(kv_seg, ((0, 0), (0, pad)))  # segment 0: never attended to
         kv_pos = jnp.pad(kv_pos, ((0, 0), (0, pad)))
 
-    def blocks(x):  # [B, n*block, ...] -> [n, B, block, ...]
-        return jnp.moveaxis(x.reshape(x.shape[0], n, block, *x.shape[2:]), 1, 0)
+    def kv_blocks(x):  # [B, K, n*block, hd] -> [n, B, K, block, hd]
+        return jnp.moveaxis(x.reshape(x.shape[0], x.shape[1], n, block, x.shape[3]), 2, 0)
 
-    return blocks(k), blocks(v), blocks(kv_seg), blocks(kv_pos), pad
+    def id_blocks(x):  # [B, n*block] -> [n, B, block]
+        return jnp.moveaxis(x.reshape(x.shape[0], n, block), 1, 0)
+
+    return kv_blocks(kh), kv_blocks(vh), id_blocks(kv_seg), id_blocks(kv_pos), pad
 
 
-def _block_scores(qg, kb, q_seg, q_pos, seg_b, pos_b, scale):
-    """Scaled scores [B,K,G,T,blk] of one key block and its mask (broadcastable to them)."""
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, kb, preferred_element_type=jnp.float32) * scale
+def _block_scores(qh, kb, q_seg, q_pos, seg_b, pos_b, scale):
+    """Scaled scores [B,K,Q,blk] of query rows qh [B,K,Q,hd] (ids q_seg/q_pos [B,Q]) against one
+    key block [B,K,blk,hd], and the mask [B,1,Q,blk]."""
+    s = jnp.einsum("bkqd,bksd->bkqs", qh, kb, preferred_element_type=jnp.float32) * scale
     mask = ((q_seg[:, :, None] == seg_b[:, None, :]) & (q_seg != 0)[:, :, None]
-            & (pos_b[:, None, :] <= q_pos[:, :, None]))[:, None, None]
+            & (pos_b[:, None, :] <= q_pos[:, :, None]))[:, None]
     return jnp.where(mask, s, _MASK_VALUE), mask
 
 
-def _blockwise_fwd_impl(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block):
-    b, t, h, hd = q.shape
-    kvh = k.shape[2]
-    g = h // kvh
+def _blockwise_fwd_impl(qh, kh, vh, q_seg, kv_seg, q_pos, kv_pos, block):
+    """Online softmax over query rows qh [B,K,Q,hd]: (out [B,K,Q,hd] in q's dtype, lse [B,K,Q])."""
+    b, kvh, t, hd = qh.shape
     scale = hd ** -0.5
-    qg = q.reshape(b, t, kvh, g, hd)
-    kb, vb, segb, posb, _ = _pad_keys(k, v, kv_seg, kv_pos, block)
+    kb, vb, segb, posb, _ = _pad_keys(kh, vh, kv_seg, kv_pos, block)
 
     def step(carry, xs):
-        m, l, acc = carry  # [B,K,G,T], [B,K,G,T], [B,K,G,T,hd] float32
+        m, l, acc = carry  # [B,K,Q], [B,K,Q], [B,K,Q,hd] float32
         kj, vj, segj, posj = xs
-        s, mask = _block_scores(qg, kj, q_seg, q_pos, segj, posj, scale)
+        s, mask = _block_scores(qh, kj, q_seg, q_pos, segj, posj, scale)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         corr = jnp.exp(m - m_new)
         l = l * corr + p.sum(axis=-1)
-        pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), vj,
+        pv = jnp.einsum("bkqs,bksd->bkqd", p.astype(vh.dtype), vj,
                         preferred_element_type=jnp.float32)
         return (m_new, l, acc * corr[..., None] + pv), None
 
-    init = (jnp.full((b, kvh, g, t), _MASK_VALUE, jnp.float32), jnp.zeros((b, kvh, g, t), jnp.float32),
-            jnp.zeros((b, kvh, g, t, hd), jnp.float32))
+    init = (jnp.full((b, kvh, t), _MASK_VALUE, jnp.float32), jnp.zeros((b, kvh, t), jnp.float32),
+            jnp.zeros((b, kvh, t, hd), jnp.float32))
     (m, l, acc), _ = jax.lax.scan(step, init, (kb, vb, segb, posb))
     empty = l == 0.0  # padding queries: no visible key
     safe_l = jnp.where(empty, 1.0, l)
     out = jnp.where(empty[..., None], 0.0, acc / safe_l[..., None])
     lse = jnp.where(empty, jnp.inf, m + jnp.log(safe_l))  # exp(s - inf) = 0 in the backward pass
-    out = jnp.moveaxis(out, 3, 1).reshape(b, t, h, hd).astype(q.dtype)
-    return out, lse
+    return out.astype(qh.dtype), lse
+
+
+def _blockwise(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block):
+    g = q.shape[2] // k.shape[2]
+    qh, kh, vh = _heads_major(q, k, v)
+    out = _blockwise_heads(qh, kh, vh, _query_rows(q_seg, g), kv_seg, _query_rows(q_pos, g),
+                           kv_pos, block)
+    return _tokens_major(out, g)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _blockwise(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block):
-    return _blockwise_fwd_impl(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block)[0]
+def _blockwise_heads(qh, kh, vh, q_seg, kv_seg, q_pos, kv_pos, block):
+    return _blockwise_fwd_impl(qh, kh, vh, q_seg, kv_seg, q_pos, kv_pos, block)[0]
 
 
-def _blockwise_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block):
-    out, lse = _blockwise_fwd_impl(q, k, v, q_seg, kv_seg, q_pos, kv_pos, block)
-    return out, (q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse)
+def _blockwise_fwd(qh, kh, vh, q_seg, kv_seg, q_pos, kv_pos, block):
+    out, lse = _blockwise_fwd_impl(qh, kh, vh, q_seg, kv_seg, q_pos, kv_pos, block)
+    return out, (qh, kh, vh, q_seg, kv_seg, q_pos, kv_pos, out, lse)
 
 
 def _blockwise_bwd(block, res, d_out):
     """Flash-attention backward: recompute each key block's probabilities from the saved
     log-sum-exp; dq accumulates over blocks, dk/dv are produced block by block."""
-    q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse = res
-    b, t, h, hd = q.shape
-    s_len, kvh = k.shape[1], k.shape[2]
-    g = h // kvh
+    qh, kh, vh, q_seg, kv_seg, q_pos, kv_pos, out, lse = res
+    b, kvh, t, hd = qh.shape
+    s_len = kh.shape[2]
     scale = hd ** -0.5
-    qg = q.reshape(b, t, kvh, g, hd)
-    dog = d_out.reshape(b, t, kvh, g, hd)
-    # D_t = sum_d dO * O  (the softmax Jacobian's row term), float32 [B,K,G,T].
-    delta = jnp.einsum("btkgd,btkgd->bkgt", dog.astype(jnp.float32),
-                       out.reshape(b, t, kvh, g, hd).astype(jnp.float32))
-    kb, vb, segb, posb, pad = _pad_keys(k, v, kv_seg, kv_pos, block)
+    # D_t = sum_d dO * O  (the softmax Jacobian's row term), float32 [B,K,Q].
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    kb, vb, segb, posb, _ = _pad_keys(kh, vh, kv_seg, kv_pos, block)
 
     def step(dq, xs):
         kj, vj, segj, posj = xs
-        s, mask = _block_scores(qg, kj, q_seg, q_pos, segj, posj, scale)
-        p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)  # [B,K,G,T,blk]
-        dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(d_out.dtype), dog,
+        s, mask = _block_scores(qh, kj, q_seg, q_pos, segj, posj, scale)
+        p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)  # [B,K,Q,blk]
+        dv = jnp.einsum("bkqs,bkqd->bksd", p.astype(d_out.dtype), d_out,
                         preferred_element_type=jnp.float32)
-        dp = jnp.einsum("btkgd,bskd->bkgts", dog, vj, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bkqd,bksd->bkqs", d_out, vj, preferred_element_type=jnp.float32)
         ds = p * (dp - delta[..., None]) * scale
-        dq = dq + jnp.einsum("bkgts,bskd->btkgd", ds.astype(k.dtype), kj,
+        dq = dq + jnp.einsum("bkqs,bksd->bkqd", ds.astype(kh.dtype), kj,
                              preferred_element_type=jnp.float32)
-        dk = jnp.einsum("bkgts,btkgd->bskd", ds.astype(q.dtype), qg,
+        dk = jnp.einsum("bkqs,bkqd->bksd", ds.astype(qh.dtype), qh,
                         preferred_element_type=jnp.float32)
         return dq, (dk, dv)
 
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros((b, t, kvh, g, hd), jnp.float32),
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros((b, kvh, t, hd), jnp.float32),
                                 (kb, vb, segb, posb))
 
-    def unblock(x):  # [n, B, block, K, hd] -> [B, S, K, hd]
-        x = jnp.moveaxis(x, 0, 1).reshape(b, -1, kvh, hd)
-        return x[:, :s_len]
+    def unblock(x):  # [n, B, K, block, hd] -> [B, K, S, hd]
+        return jnp.moveaxis(x, 0, 2).reshape(b, kvh, -1, hd)[:, :, :s_len]
 
-    return (dq.reshape(b, t, h, hd).astype(q.dtype), unblock(dk).astype(k.dtype),
-            unblock(dv).astype(v.dtype), None, None, None, None)
+    return (dq.astype(qh.dtype), unblock(dk).astype(kh.dtype), unblock(dv).astype(vh.dtype),
+            None, None, None, None)
 
 
-_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+_blockwise_heads.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 # ----------------------------------------------------------------------------------------------

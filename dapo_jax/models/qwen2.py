@@ -22,6 +22,7 @@ from dapo_jax.models.attention import (dense_attention, dot_product_attention,
                                        paged_decode_attention, resolve_attention)
 from dapo_jax.models.config import ModelConfig
 from dapo_jax.models.sharding import logical_to_spec, with_logical_constraint
+from dapo_jax.models.swiglu import swiglu_mlp
 
 Params = dict[str, Any]
 
@@ -215,9 +216,14 @@ def _layer(cfg: ModelConfig, mesh: Mesh | None, rules, h: jax.Array, lp: Params,
     o = attend(q, k_all, v_all)
     h = h + proj(o, "o_kernel")
     x = rms_norm(h, lp["post_norm"], cfg.rms_norm_eps)
-    act = with_logical_constraint(jax.nn.silu(proj(x, "gate_kernel")) * proj(x, "up_kernel"),
-                                  ("batch", "seq", "mlp"), mesh, rules)
-    h = h + proj(act, "down_kernel")
+    constrain = functools.partial(with_logical_constraint, logical=("batch", "seq", "mlp"),
+                                  mesh=mesh, rules=rules)
+    if matmul is project:  # the training layout: the MLP with a transpose-free backward pass
+        h = h + swiglu_mlp(x, lp["gate_kernel"].astype(dt), lp["up_kernel"].astype(dt),
+                           lp["down_kernel"].astype(dt), constrain)
+    else:
+        h = h + proj(constrain(jax.nn.silu(proj(x, "gate_kernel")) * proj(x, "up_kernel")),
+                     "down_kernel")
     h = with_logical_constraint(h, ("batch", "act_seq", "act_embed"), mesh, rules)
     return h, aux
 
