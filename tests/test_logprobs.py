@@ -1,13 +1,12 @@
 """Chunked per-token log-probs equal log_softmax-gather of full logits and don't scale with T x V."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from dapo_jax import models
+from dapo_jax.models.qwen2 import lm_head_weight
 
 
 def test_token_logprobs_equal_log_softmax_gather_of_full_logits(hf_checkpoints):
@@ -85,3 +84,36 @@ def test_peak_memory_does_not_scale_with_sequence_times_vocab():
     chunk_growth = b * chunk * (v2 - v1) * 4
     assert chunked <= 4 * chunk_growth + (v2 - v1) * 64 * 4 * 2, (chunked, chunk_growth)
     assert chunked < 0.2 * logits_growth, (chunked, logits_growth)
+
+
+def test_only_scored_positions_are_projected_and_their_gradients_are_exact(hf_checkpoints):
+    path, _ = hf_checkpoints["qwen2_gqa_untied"]
+    model, cfg = models.load_pretrained(path)
+    ids = jnp.asarray(np.random.RandomState(2).randint(3, cfg.vocab_size, size=(3, 13)))
+    mask = jnp.ones((3, 13), jnp.int32)
+    targets = np.zeros((3, 13), np.int32)
+    targets[0, 9:], targets[1, 4:7], targets[2, 12] = 1, 1, 1  # "responses" of 4, 3 and 1 tokens
+    targets = jnp.asarray(targets)
+
+    def chunked(p):
+        return models.sequence_logprobs(p, cfg, ids, mask, targets, chunk_size=2)[0].sum()
+
+    def full(p):
+        h, _ = models.decoder_apply(p, cfg, ids, mask)
+        lz = jax.nn.log_softmax(models.lm_logits(p, cfg, h)[:, :-1], axis=-1)
+        picked = jnp.take_along_axis(lz, ids[:, 1:, None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(targets[:, 1:] > 0, picked, 0.0))
+
+    np.testing.assert_allclose(chunked(model.params()), full(model.params()), rtol=1e-5)
+    g1, g2 = jax.grad(chunked)(model.params()), jax.grad(full)(model.params())
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g1, g2)
+
+    # The skip itself: with 4 scored positions at most per row and chunks of 2, only the first
+    # two chunks of the reordered rows are projected; every other position comes back as 0.
+    h, _ = models.decoder_apply(model.params(), cfg, ids, mask)
+    w = lm_head_weight(model.params(), cfg)
+    scored = targets[:, 1:] > 0
+    lp, _ = models.chunked_token_logprobs(h[:, :-1], w, ids[:, 1:], chunk_size=2, scored=scored)
+    every, _ = models.chunked_token_logprobs(h[:, :-1], w, ids[:, 1:], chunk_size=2)
+    np.testing.assert_allclose(np.where(scored, lp, 0.0), np.where(scored, every, 0.0), atol=1e-6)
+    assert np.count_nonzero(np.asarray(lp)) == 3 * 4  # 2 chunks x 2 positions per row

@@ -15,7 +15,6 @@ import functools
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
 Constrain = Callable[[jax.Array], jax.Array]
 
