@@ -148,6 +148,9 @@ def bench_config(s: Setting, *, tokenizer: str, smoke: bool = False) -> ml_colle
         c.tokenizer.path = tokenizer
         c.data.max_prompt_length = 128  # Qwen's chat template adds a system prompt
         c.rollout.max_concurrent_decodes = n  # every sample at once, no larger KV cache
+        # Log-probs are projected onto the vocabulary only for chunks that hold response tokens
+        # (TRL: logits_to_keep); 64-token chunks keep a 16-token response to one chunk per row.
+        c.trainer.logprob_chunk_size = 64
         c.warm_start.steps = 0
     if smoke:
         c.warm_start.steps = 0

@@ -159,7 +159,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.trainer.packing = True
     c.trainer.max_tokens_per_micro_batch = 0
     c.trainer.packing_row_buckets = 3
-    c.trainer.logprob_chunk_size = 1024  # sequence chunk for the vocab projection
+    # Sequence chunk for the vocab projection: memory is [rows, chunk, vocab] float32 logits, and
+    # only chunks holding response tokens are projected (prompts cost no logits).
+    c.trainer.logprob_chunk_size = 1024
     c.trainer.save_every = 10
     c.trainer.keep_checkpoints = 3
     c.trainer.async_checkpointing = True

@@ -23,7 +23,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def plot_curves(metrics: list[dict], path: str, dataset: str = "toy", eval_note: str = "",
-                rollout_note: str = "") -> None:
+                rollout_note: str = "",
+                title: str = "DAPO on toy arithmetic (configs/toy.py)") -> None:
     """Held-out accuracy, response length and entropy vs step, as a PNG."""
     import matplotlib
     matplotlib.use("Agg")
@@ -48,7 +49,7 @@ def plot_curves(metrics: list[dict], path: str, dataset: str = "toy", eval_note:
     axes[2].set(title="policy entropy (nats/token)", xlabel="step")
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.suptitle("DAPO on toy arithmetic (configs/toy.py)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -85,6 +85,20 @@ MUTATIONS = (
         "jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(state[\"keys\"]),\n"
         "                                                0 * state[\"generated\"])",
         ("tests/test_sampler_randomness.py",)),
+    Mutation(
+        "logprob_backward_skips_last_chunk",
+        "the log-prob backward loop stops one chunk early (the last scored chunk gets no gradient)",
+        "dapo_jax/models/logprobs.py",
+        "dh, dw = jax.lax.fori_loop(0, active, body,",
+        "dh, dw = jax.lax.fori_loop(0, active - 1, body,",
+        ("tests/test_logprobs.py",)),
+    Mutation(
+        "swiglu_backward_silu_derivative",
+        "the SwiGLU backward uses sigmoid(g) for silu'(g)",
+        "dapo_jax/models/swiglu.py",
+        "dg = da * u * (sig * (1 + g * (1 - sig)))",
+        "dg = da * u * sig",
+        ("tests/test_swiglu.py",)),
 )
 
 
