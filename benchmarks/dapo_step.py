@@ -88,7 +88,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=16, help="prompts per step")
     p.add_argument("--samples", type=int, default=8, help="samples per prompt (group size)")
     p.add_argument("--equal_work", action="store_true",
-                   help="every completion runs to max_new_tokens (no stop token) for both")
+                   help="every completion runs to max_new_tokens (no stop token) for both, and "
+                        "truncated samples stay in the loss; always on for random-weight presets")
     p.add_argument("--short", action="store_true",
                    help="affordable on CPU for big presets: 4 prompts x 4 samples, 16 new tokens, "
                         "1 timed step")
@@ -113,6 +114,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.prompts, args.samples, args.max_new_tokens, args.steps = 4, 4, [16], 1
     if args.smoke:
         args.preset, args.prompts, args.samples, args.max_new_tokens = "toy", 2, 4, [8]
+    if args.preset != "toy" and not args.equal_work:
+        # Random weights (every preset but the toy) almost never emit a stop token, so every
+        # completion is truncated and the overlong filter (ours) / mask_truncated_completions
+        # (TRL) would leave nothing in the loss: we would skip the update's work and TRL would
+        # not. Keep the truncated samples in the loss on both sides instead.
+        print("note: random-weight preset: timing with --equal_work (see --help)")
+        args.equal_work = True
         args.steps, args.warmup = 1, 1
     if args.torch_threads is None:
         cores = os.cpu_count() or 1

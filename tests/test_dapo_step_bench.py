@@ -53,3 +53,11 @@ def test_trl_step_smoke_at_equal_work_gives_a_ratio(capsys, tmp_path):
     assert ours > 0 and trl > 0
     assert all(x >= 0 for x in _numbers(cells["TRL gen / score+old-logp / update s"]))
     assert _numbers(cells["TRL / ours"])[0] == pytest.approx(trl / ours, rel=0.02)
+
+
+def test_random_weight_presets_time_equal_work_and_the_toy_does_not(capsys):
+    # Random weights never stop, so without equal work every sample would be overlong-filtered
+    # out of our loss (nothing to compute) but not out of TRL's work.
+    assert dapo_step.parse_args(["--preset", "qwen2.5-0.5b", "--short"]).equal_work
+    assert "equal_work" in capsys.readouterr().out
+    assert not dapo_step.parse_args([]).equal_work
