@@ -114,6 +114,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.prompts, args.samples, args.max_new_tokens, args.steps = 4, 4, [16], 1
     if args.smoke:
         args.preset, args.prompts, args.samples, args.max_new_tokens = "toy", 2, 4, [8]
+        args.steps, args.warmup = 1, 1
     if args.preset != "toy" and not args.equal_work:
         # Random weights (every preset but the toy) almost never emit a stop token, so every
         # completion is truncated and the overlong filter (ours) / mask_truncated_completions
@@ -121,7 +122,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         # not. Keep the truncated samples in the loss on both sides instead.
         print("note: random-weight preset: timing with --equal_work (see --help)")
         args.equal_work = True
-        args.steps, args.warmup = 1, 1
     if args.torch_threads is None:
         cores = os.cpu_count() or 1
         args.torch_threads = 1 if os.getloadavg()[0] >= cores else cores

@@ -61,3 +61,12 @@ def test_random_weight_presets_time_equal_work_and_the_toy_does_not(capsys):
     assert dapo_step.parse_args(["--preset", "qwen2.5-0.5b", "--short"]).equal_work
     assert "equal_work" in capsys.readouterr().out
     assert not dapo_step.parse_args([]).equal_work
+
+
+def test_smoke_and_short_keep_their_step_counts():
+    smoke = dapo_step.parse_args(["--smoke"])
+    assert (smoke.steps, smoke.warmup) == (1, 1)
+    short = dapo_step.parse_args(["--preset", "qwen2.5-0.5b", "--short"])
+    assert (short.steps, short.warmup, short.prompts, short.samples) == (1, 1, 4, 4)
+    full = dapo_step.parse_args(["--preset", "qwen2.5-0.5b"])
+    assert (full.steps, full.warmup) == (3, 1)
