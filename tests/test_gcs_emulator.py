@@ -221,6 +221,22 @@ def test_gs_workdir_survives_a_kill_and_resumes_evaluates_and_exports(gcs, tmp_p
                  model.params(), ref_params)
 
 
+def test_a_cached_listing_never_hides_what_tensorstore_wrote(gcs):
+    """Orbax writes arrays through TensorStore, behind gcsfs's listing cache, then asks `exists()`
+    of the item folder: a resumed run that had listed `checkpoints/` failed its next save with
+    "Checkpoint directory does not exist: .../checkpoints/2/accumulator"."""
+    import gcsfs
+
+    checkpointing.CheckpointStore(f"gs://{BUCKET}/listing").close()
+    root = epath.Path(f"gs://{BUCKET}/listing/checkpoints")
+    (root / "1" / "meta").write_text("{}")
+    assert [p.name for p in root.iterdir()] == ["1"]  # a listing, as a resume makes
+    writer = gcsfs.GCSFileSystem(skip_instance_cache=True)  # another writer (TensorStore's part)
+    writer.pipe(f"{BUCKET}/listing/checkpoints/2/accumulator/manifest.ocdbt", b"x")
+    assert (root / "2" / "accumulator").exists()
+    assert sorted(p.name for p in root.iterdir()) == ["1", "2"]
+
+
 def test_hf_checkpoint_on_gs_loads_with_ranged_reads_equal_to_local(gcs, tmp_path, monkeypatch):
     from tests.conftest import make_hf_model
 

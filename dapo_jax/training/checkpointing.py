@@ -19,6 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from dapo_jax.runtime.remote_listings import uncached_remote_listings
+
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -32,6 +34,7 @@ class CheckpointStore:
 
     def __init__(self, workdir: str | os.PathLike, *, keep: int | None = None,
                  async_save: bool = False):
+        uncached_remote_listings()  # Orbax's TensorStore writes bypass gcsfs's listing cache
         self.directory = epath.Path(workdir) / CHECKPOINT_DIR
         self._manager = ocp.CheckpointManager(
             os.fspath(self.directory),
