@@ -341,7 +341,8 @@ def analytic(cfg: ModelConfig, mesh: Mesh, shapes: Shapes, tx) -> Analytic:
         remat_checkpoints=activation_bytes(cfg, rows, shapes.train_seq, tensor, cfg.remat),
         attention_scores=attention_score_bytes(cfg, rows, shapes.train_seq, tensor),
         sampler_params=tree_shard_bytes(sampler), decode_state=tree_shard_bytes(state),
-        kv_cache=tree_shard_bytes({k: state["cache"][k] for k in ("k", "v")}))
+        kv_cache=tree_shard_bytes({k: v for k, v in state["cache"].items()
+                                   if k in ("k", "v", "kv")}))  # dense K, V or the paged pool
 
 
 # ------------------------------------------------------------------------------------------------

@@ -53,6 +53,11 @@ def _assert_same(got, want, atol=1e-5):
             np.testing.assert_allclose(x.sampling_logprobs, y.sampling_logprobs, atol=atol)
 
 
+def _pool_layout(k_pages, v_pages):
+    """K and V pages [N, K, P, hd] as the engine's pool pages [N, P, K, 2, hd]."""
+    return jnp.stack([jnp.swapaxes(k_pages, 1, 2), jnp.swapaxes(v_pages, 1, 2)], axis=-2)
+
+
 def test_paged_attention_equals_dense_attention_over_the_same_keys():
     rng = np.random.default_rng(0)
     b, h, kvh, hd, page, n_pages, width = 3, 6, 2, 8, 4, 20, 5
@@ -68,14 +73,82 @@ def test_paged_attention_equals_dense_attention_over_the_same_keys():
     v = jnp.transpose(v_pages[safe], (0, 1, 3, 2, 4)).reshape(b, width * page, kvh, hd)
     mask = (jnp.arange(width * page)[None] < lengths[:, None])[:, None, :]
     want = dense_attention(q, k, v, mask)
+    kv_pages = _pool_layout(k_pages, v_pages)
     for block in (4, 8, 256):  # one page per loop iteration, two, all of them
-        got = paged_decode_attention(q, k_pages, v_pages, jnp.asarray(table), jnp.asarray(lengths),
+        got = paged_decode_attention(q, kv_pages, jnp.asarray(table), jnp.asarray(lengths),
                                      block_tokens=block)
         np.testing.assert_allclose(got, want, atol=1e-5)
     # A row with no keys (a free slot) outputs zeros, not NaN.
-    got = paged_decode_attention(q, k_pages, v_pages, jnp.asarray(table),
+    got = paged_decode_attention(q, kv_pages, jnp.asarray(table),
                                  jnp.asarray([5, 0, 2], jnp.int32))
     assert np.all(np.asarray(got[1]) == 0.0) and np.isfinite(np.asarray(got)).all()
+
+
+def _kernel_inputs(head_dim=128):
+    """A two-layer pool in the kernel's lane width, a table with unallocated entries, and a free
+    slot (length 0) among the rows."""
+    rng = np.random.default_rng(1)
+    layers, n_pages, page, kvh, h, b, width = 2, 24, 16, 2, 4, 4, 4
+    pool = jnp.asarray(rng.normal(size=(layers, n_pages, page, kvh, 2, head_dim)), jnp.float32)
+    table = np.asarray(rng.permutation(n_pages)[:b * width].reshape(b, width), np.int32)
+    table[3, 1:] = n_pages
+    lengths = jnp.asarray([17, 0, 64, 9], jnp.int32)
+    q = jnp.asarray(rng.normal(size=(b, 1, h, head_dim)), jnp.float32)
+    return q, pool, jnp.asarray(table), lengths
+
+
+def test_the_tpu_kernel_path_reads_the_pool_as_the_page_loop_does():
+    """The TPU path hands jax's ragged paged attention kernel the pool as [L*N, P, 2K, hd] pages
+    (layer offsets in the page ids, no copy of a layer). Checked here with the kernel's own jnp
+    reference, which has its exact interface and semantics (the Pallas kernel needs a TPU)."""
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as rpa
+
+    q, pool, table, lengths = _kernel_inputs()
+    for layer in (0, 1):
+        want = paged_decode_attention(q, pool, table, lengths, layer=layer)
+        got = paged_decode_attention(q, pool, table, lengths, layer=layer,
+                                     implementation="ragged_tpu",
+                                     kernel=rpa.ref_ragged_paged_attention)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert np.all(np.asarray(got[1]) == 0.0)  # the free slot
+    with pytest.raises(ValueError, match="paged decode implementation"):
+        paged_decode_attention(q, pool, table, lengths, layer=0, implementation="flash")
+
+
+def test_the_tpu_kernel_itself_in_interpret_mode():
+    """jax's Pallas TPU kernel on CPU through the TPU interpreter, where this jax's interpreter can
+    run it (jax 0.10's cannot reshape a kernel-memory ref, which the kernel does)."""
+    import functools
+
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
+
+    q, pool, table, lengths = _kernel_inputs()
+    want = paged_decode_attention(q, pool, table, lengths, layer=1)
+    # Block sizes given: the kernel's tuned table is only looked up on a TPU.
+    kernel = functools.partial(ragged_paged_attention, num_kv_pages_per_block=2,
+                               num_queries_per_block=1)
+    try:
+        with pltpu.force_tpu_interpret_mode():
+            got = paged_decode_attention(q, pool, table, lengths, layer=1,
+                                         implementation="ragged_tpu", kernel=kernel)
+    except Exception as e:  # the interpreter's error arrives wrapped in a callback error
+        if "'ReshapeTransform' object has no attribute" not in str(e):
+            raise
+        pytest.skip(f"jax {jax.__version__}'s TPU interpreter cannot reshape a kernel ref "
+                    "(the kernel does); the adapter is checked against the kernel's reference")
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_paged_decode_picks_the_kernel_only_on_tpu_with_its_lane_width():
+    from dapo_jax.models.attention import resolve_paged_decode
+
+    assert resolve_paged_decode("auto", 128, "tpu") == "ragged_tpu"
+    assert resolve_paged_decode("splash", 128, "tpu") == "ragged_tpu"
+    assert resolve_paged_decode("auto", 64, "tpu") == "xla"  # Qwen2.5-0.5B's head dim
+    assert resolve_paged_decode("blockwise", 128, "tpu") == "xla"  # the user asked for XLA
+    assert resolve_paged_decode("auto", 128, "gpu") == "xla"
+    assert resolve_paged_decode("splash", 128, "cpu") == "xla"  # splash forced for tests on CPU
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLE], ids=["greedy", "sampled"])
@@ -163,7 +236,7 @@ def test_eight_fake_devices_give_the_same_outputs_as_one(tiny):
     drv = _driver(cfg, model, slots=8, mesh=mesh, sampling=SAMPLE)
     eng = drv.engine
     assert eng.shards == 4 and eng.num_pages == 8 * 12
-    assert eng.state_shardings["cache"]["k"].spec[1] == ("data", "fsdp")
+    assert eng.state_shardings["cache"]["kv"].spec[1] == ("data", "fsdp")
     _assert_same(drv.generate(reqs, seed=1), one, atol=1e-4)
     # 14 pages of 4 tokens per shard for its 2 slots of up to 12 pages each.
     tight = _driver(cfg, model, slots=8, mesh=mesh, sampling=SAMPLE, pool=4 * 14 * 4)

@@ -339,27 +339,61 @@ def _pallas_gpu(q, k, v, seg, *, interpret: bool):
 
 # ----------------------------------------------------------------------------------------------
 # Paged decode attention (one query per row over a paged KV cache).
+#
+# The pool's layout, [N, P, K, 2, hd] per layer (stacked: [L, N, P, K, 2, hd]), keeps a KV head's key
+# and value rows side by side: reshaped (for free) to [N, P, 2K, hd] it is the K/V-interleaved page
+# layout of jax's TPU ragged paged attention kernel, and stacked layers are [L*N, P, 2K, hd] pages
+# whose indices are offset by layer*N, so the kernel reads a layer's pages without copying it out.
 
 PAGED_BLOCK_TOKENS = 256  # keys per loop iteration: few iterations, little work past the lengths
+PAGED_IMPLEMENTATIONS = ("xla", "ragged_tpu")
 
 
-def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                           page_table: jax.Array, kv_lengths: jax.Array, *,
-                           layer: jax.Array | int | None = None,
-                           block_tokens: int = PAGED_BLOCK_TOKENS) -> jax.Array:
+def resolve_paged_decode(attention: str, head_dim: int, platform: str | None = None) -> str:
+    """The paged-decode attention for a model whose `model.attention` is `attention`.
+
+    "ragged_tpu" (the TPU ragged paged attention kernel) where training attention resolves to the
+    TPU kernel ("splash") on a TPU and the head dim is a multiple of 128 (the kernel's lane width;
+    Qwen2.5-0.5B's 64 is not); "xla" (`paged_decode_attention`'s page loop) everywhere else.
+    """
+    platform = (platform or jax.default_backend()).lower()
+    if platform == "tpu" and resolve_attention(attention, platform) == "splash" \
+            and head_dim % 128 == 0:
+        return "ragged_tpu"
+    return "xla"
+
+
+def _layer_pages(kv_pages: jax.Array, layer: jax.Array | int | None, ids: jax.Array) -> jax.Array:
+    """Pages `ids` of one layer, read straight out of a stacked pool when `layer` is given."""
+    return kv_pages[ids] if layer is None else kv_pages[layer, ids]
+
+
+def paged_decode_attention(q: jax.Array, kv_pages: jax.Array, page_table: jax.Array,
+                           kv_lengths: jax.Array, *, layer: jax.Array | int | None = None,
+                           block_tokens: int = PAGED_BLOCK_TOKENS,
+                           implementation: str = "xla", kernel=None) -> jax.Array:
     """GQA of one query per row over its first `kv_lengths[b]` keys, stored in pages.
 
-    q [B,1,H,hd]; k/v_pages [N,K,P,hd] (one layer's pool), or [L,N,K,P,hd] with `layer` the layer to
-    read (gathered from the stacked pool directly: slicing a layer out first copies it); page_table
-    [B, M] int32 (row b's page for positions j*P .. (j+1)*P-1; entries past the row's length may be
-    anything); kv_lengths [B] (0 for a row that attends to nothing: it outputs zeros). A loop over
-    blocks of `block_tokens // P` pages with an online softmax stops after the longest row's last
-    block, so a step's cost follows the lengths actually in use, not the table's width.
+    q [B,1,H,hd]; kv_pages [N,P,K,2,hd] (one layer's pool; [..., 0, :] keys, [..., 1, :] values), or
+    [L,N,P,K,2,hd] with `layer` the layer to read (gathered from the stacked pool directly: slicing a
+    layer out first copies it); page_table [B, M] int32 (row b's page for positions j*P ..
+    (j+1)*P-1; entries past the row's length may be anything); kv_lengths [B] (0 for a row that
+    attends to nothing: it outputs zeros).
+
+    "xla": a loop over blocks of `block_tokens // P` pages with an online softmax stops after the
+    longest row's last block, so a step's cost follows the lengths in use, not the table's width.
+    "ragged_tpu": jax's TPU ragged paged attention kernel (`kernel` replaces it, e.g. by its jnp
+    reference in tests), which reads each row's pages up to its own length.
     """
-    b, t, h, hd = q.shape
-    n_pages, kvh, page, _ = k_pages.shape[-4:]
-    if t != 1:
-        raise ValueError(f"paged_decode_attention takes one query per row, got {t}")
+    if q.shape[1] != 1:
+        raise ValueError(f"paged_decode_attention takes one query per row, got {q.shape[1]}")
+    if implementation == "ragged_tpu":
+        return _ragged_tpu_decode(q, kv_pages, page_table, kv_lengths, layer, kernel)
+    if implementation != "xla":
+        raise ValueError(f"paged decode implementation must be one of {PAGED_IMPLEMENTATIONS}, "
+                         f"got {implementation!r}")
+    b, _, h, hd = q.shape
+    n_pages, page, kvh = kv_pages.shape[-5:-2]
     g = h // kvh
     max_pages = page_table.shape[1]
     per_block = max(1, min(block_tokens // page, max_pages))
@@ -373,12 +407,9 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     def body(j, carry):
         m, l, acc = carry  # [B,K,G], [B,K,G], [B,K,G,hd] float32
         ids = jax.lax.dynamic_slice_in_dim(table, j * per_block, per_block, axis=1)
-        ids = jnp.clip(ids, 0, n_pages - 1)
-        if layer is None:
-            kb, vb = k_pages[ids], v_pages[ids]  # [B, n, K, P, hd]
-        else:
-            kb, vb = k_pages[layer, ids], v_pages[layer, ids]
-        s = jnp.einsum("bkgd,bnkpd->bkgnp", qg, kb, preferred_element_type=jnp.float32)
+        kvb = _layer_pages(kv_pages, layer, jnp.clip(ids, 0, n_pages - 1))  # [B, n, P, K, 2, hd]
+        kb, vb = kvb[..., 0, :], kvb[..., 1, :]
+        s = jnp.einsum("bkgd,bnpkd->bkgnp", qg, kb, preferred_element_type=jnp.float32)
         s = s.reshape(b, kvh, g, span) * (hd ** -0.5)
         mask = (j * span + jnp.arange(span, dtype=jnp.int32))[None] < kv_lengths[:, None]
         mask = mask[:, None, None]
@@ -387,8 +418,9 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         corr = jnp.exp(m - m_new)
         l = l * corr + p.sum(axis=-1)
-        pv = jnp.einsum("bkgnp,bnkpd->bkgd", p.reshape(b, kvh, g, per_block, page).astype(v_pages.dtype),
-                        vb, preferred_element_type=jnp.float32)
+        pv = jnp.einsum("bkgnp,bnpkd->bkgd",
+                        p.reshape(b, kvh, g, per_block, page).astype(kv_pages.dtype), vb,
+                        preferred_element_type=jnp.float32)
         return m_new, l, acc * corr[..., None] + pv
 
     init = (jnp.full((b, kvh, g), _MASK_VALUE, jnp.float32), jnp.zeros((b, kvh, g), jnp.float32),
@@ -396,6 +428,26 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
     out = jnp.where((l == 0.0)[..., None], 0.0, acc / jnp.where(l == 0.0, 1.0, l)[..., None])
     return out.reshape(b, 1, h, hd).astype(q.dtype)
+
+
+def _ragged_tpu_decode(q, kv_pages, page_table, kv_lengths, layer, kernel):
+    """`paged_decode_attention` by the TPU ragged paged attention kernel: one query per sequence."""
+    if kernel is None:
+        from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
+        kernel = ragged_paged_attention
+    b, _, h, hd = q.shape
+    if layer is None:
+        kv_pages, layer = kv_pages[None], 0
+    n_layers, n_pages, page, kvh = kv_pages.shape[:4]
+    pages = kv_pages.reshape(n_layers * n_pages, page, 2 * kvh, hd)  # free: contiguous axes merge
+    table = jnp.clip(page_table.astype(jnp.int32), 0, n_pages - 1) + layer * n_pages
+    lengths = kv_lengths.astype(jnp.int32)
+    # A free slot (length 0) has no defined kernel output: it attends to one key, then is zeroed.
+    out = kernel(q[:, 0], pages, jnp.maximum(lengths, 1), table,
+                 jnp.arange(b + 1, dtype=jnp.int32), jnp.full((1,), b, jnp.int32),
+                 sm_scale=hd ** -0.5)
+    out = jnp.where((lengths > 0)[:, None, None], out, 0)
+    return out[:, None].astype(q.dtype)
 
 
 def score_block_bytes(implementation: str, rows: int, heads: int, seq: int,
@@ -410,4 +462,4 @@ def score_block_bytes(implementation: str, rows: int, heads: int, seq: int,
 
 __all__ = ["CHOICES", "IMPLEMENTATIONS", "resolve_attention", "dot_product_attention",
            "dense_attention", "attention_mask", "score_block_bytes", "paged_decode_attention",
-           "PAGED_BLOCK_TOKENS"]
+           "PAGED_BLOCK_TOKENS", "PAGED_IMPLEMENTATIONS", "resolve_paged_decode"]

@@ -19,7 +19,8 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
 from dapo_jax.models.attention import (dense_attention, dot_product_attention,
-                                       paged_decode_attention, resolve_attention)
+                                       paged_decode_attention, resolve_attention,
+                                       resolve_paged_decode)
 from dapo_jax.models.config import ModelConfig
 from dapo_jax.models.sharding import logical_to_spec, with_logical_constraint
 from dapo_jax.models.swiglu import swiglu_mlp
@@ -252,8 +253,9 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     With `cache` ({"k","v": [L,B,K,S,hd], "lengths": [B]}): the T new tokens of each row are written at
     cache positions lengths[b] .. lengths[b]+T-1 and attend causally to everything before them; rows must
     be right-padded (padding after the real tokens), and `lengths` advances by the real-token count.
-    With a paged cache ({"k","v": [L,N,K,P,hd] pools of N pages of P tokens, "page_table": [B,M],
-    "lengths": [B]}): one token per row (decode); row b's pages are page_table[b] in position order.
+    With a paged cache ({"kv": [L,N,P,K,2,hd], a pool of N pages of P tokens, keys at [..., 0, :] and
+    values at [..., 1, :]; "page_table": [B,M]; "lengths": [B]}): one token per row (decode); row b's
+    pages are page_table[b] in position order.
     `params["layers"]` holds the layers stacked on a leading axis, or is a sequence of per-layer dicts
     (the sampler's per-layer layout: each layer's arrays are read in place, no slice of a stack).
     `matmul(x, kernel, n_in)` multiplies activations by each layer kernel (default `project`, for
@@ -346,14 +348,14 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
 
 def paged_cache_specs(mesh: Mesh, rules: Mapping[str, Any] | None, slots: int, num_kv_heads: int
                       ) -> tuple[PartitionSpec, Any, Any]:
-    """(pool spec [L, N, K, P, hd], slot axes, KV-head axis) of a paged cache on `mesh`.
+    """(pool spec [L, N, P, K, 2, hd], slot axes, KV-head axis) of a paged cache on `mesh`.
 
     The pages are split over the same mesh axes as the slots ("cache_batch"): slot block d owns
     page block d, so a decode step reads and writes only its own device's pages.
     """
     rows = logical_to_spec(("cache_batch",), (slots,), mesh, rules)[0]
     kv = logical_to_spec((None, "act_kv_heads"), (1, num_kv_heads), mesh, rules)[1]
-    return PartitionSpec(None, rows, kv, None, None), rows, kv
+    return PartitionSpec(None, rows, None, kv, None, None), rows, kv
 
 
 def mesh_axes_size(mesh: Mesh, axes: Any) -> int:
@@ -364,14 +366,13 @@ def mesh_axes_size(mesh: Mesh, axes: Any) -> int:
     return int(np.prod([mesh.shape[a] for a in names]))
 
 
-def _paged_write(ck, cv, k, v, table, lengths, live, i):
+def _paged_write(ckv, k, v, table, lengths, live, i):
     """Writes each live row's new K/V [B,1,K,hd] at its length into its page (others dropped)."""
-    n_pages, page = ck.shape[1], ck.shape[3]
+    n_pages, page = ckv.shape[1], ckv.shape[2]
     idx = jnp.take_along_axis(table, (lengths // page)[:, None], axis=1, mode="clip")[:, 0]
     dest = jnp.where(live, idx, n_pages)  # out of range: dropped
-    off = lengths % page
-    return (ck.at[i, dest, :, off].set(k[:, 0].astype(ck.dtype), mode="drop"),
-            cv.at[i, dest, :, off].set(v[:, 0].astype(cv.dtype), mode="drop"))
+    new = jnp.stack([k[:, 0], v[:, 0]], axis=-2).astype(ckv.dtype)  # [B, K, 2, hd]
+    return ckv.at[i, dest, lengths % page].set(new, mode="drop")
 
 
 def _paged_decode(params: Params, cfg: ModelConfig, h: jax.Array, attention_mask: jax.Array,
@@ -396,9 +397,10 @@ def _paged_decode(params: Params, cfg: ModelConfig, h: jax.Array, attention_mask
     live = attention_mask[:, 0] != 0
     kv_len = jnp.where(live, lengths + 1, 0)
     write = _paged_write
+    impl = resolve_paged_decode(cfg.attention, cfg.head_dim)
 
-    def attn(q, ck, cv, tb, n, i):
-        return paged_decode_attention(q, ck, cv, tb, n, layer=i)
+    def attn(q, ckv, tb, n, i):
+        return paged_decode_attention(q, ckv, tb, n, layer=i, implementation=impl)
 
     if mesh is not None and mesh.size > 1:
         pool_spec, rows, kv = paged_cache_specs(mesh, rules, b, cfg.num_kv_heads)
@@ -406,31 +408,30 @@ def _paged_decode(params: Params, cfg: ModelConfig, h: jax.Array, attention_mask
             heads = PartitionSpec(rows, None, kv, None)  # [B, 1, heads, hd]; q's split like k's
             vec, tab, one = PartitionSpec(rows), PartitionSpec(rows, None), PartitionSpec()
             sm_write = jax.shard_map(_paged_write, mesh=mesh, check_vma=False,
-                                     in_specs=(pool_spec, pool_spec, heads, heads, tab, vec, vec,
-                                               one), out_specs=(pool_spec, pool_spec))
+                                     in_specs=(pool_spec, heads, heads, tab, vec, vec, one),
+                                     out_specs=pool_spec)
             sm_attn = jax.shard_map(attn, mesh=mesh, check_vma=False,
-                                    in_specs=(heads, pool_spec, pool_spec, tab, vec, one),
-                                    out_specs=heads)
+                                    in_specs=(heads, pool_spec, tab, vec, one), out_specs=heads)
             # The layer index enters shard_map as an array (a Python int stays static elsewhere).
             write = lambda *a: sm_write(*a[:-1], jnp.asarray(a[-1], jnp.int32))  # noqa: E731
             attn = lambda *a: sm_attn(*a[:-1], jnp.asarray(a[-1], jnp.int32))  # noqa: E731
 
     def body(carry, xs):
-        h, ck, cv = carry
+        h, ckv = carry
         lp, i = xs
 
         def kv_fn(k, v):
-            nk, nv = write(ck, cv, k, v, table, lengths, live, i)
-            return nk, nv, (nk, nv)
+            nkv = write(ckv, k, v, table, lengths, live, i)
+            return nkv, None, nkv
 
-        def attend(q, kp, vp):  # reads layer i's pages out of the stacked pools (no layer copy)
-            return attn(q, kp, vp, table, kv_len, i).astype(dt)
+        def attend(q, kv_pages, _):  # reads layer i's pages out of the stacked pool (no layer copy)
+            return attn(q, kv_pages, table, kv_len, i).astype(dt)
 
-        h, (ck, cv) = _layer(cfg, mesh, rules, h, lp, positions, attend, kv_fn, matmul)
-        return (h, ck, cv), None
+        h, ckv = _layer(cfg, mesh, rules, h, lp, positions, attend, kv_fn, matmul)
+        return (h, ckv), None
 
     layers = params["layers"]
-    carry = (h, cache["k"], cache["v"])
+    carry = (h, cache["kv"])
     if isinstance(layers, (list, tuple)):
         for i, lp in enumerate(layers):
             carry, _ = body(carry, (lp, i))
@@ -439,8 +440,8 @@ def _paged_decode(params: Params, cfg: ModelConfig, h: jax.Array, attention_mask
     else:
         for i in range(cfg.num_layers):
             carry, _ = body(carry, (jax.tree.map(lambda x: x[i], layers), i))
-    h, ck, cv = carry
-    new_cache = dict(cache, k=ck, v=cv, lengths=lengths + live.astype(jnp.int32))
+    h, ckv = carry
+    new_cache = dict(cache, kv=ckv, lengths=lengths + live.astype(jnp.int32))
     return h, new_cache
 
 

@@ -3,8 +3,9 @@
 Same JetStream API and the same tokens as `Engine` (which keeps one [max_target_length] cache row
 per slot); the differences are where K/V live and what a step reads:
 
-- The cache is a pool of `kv_pool_tokens / kv_page_size` pages ([layers, pages, kv_heads, page,
-  head_dim]) and a page table [slots, pages_per_slot]; `paged_cache.PagePool` (host side) hands pages
+- The cache is a pool of `kv_pool_tokens / kv_page_size` pages ([layers, pages, page, kv_heads, 2,
+  head_dim]: a KV head's key and value side by side, the TPU ragged paged attention kernel's layout)
+  and a page table [slots, pages_per_slot]; `paged_cache.PagePool` (host side) hands pages
   out as samples grow and takes them back when they finish.
 - `insert_many` writes a prompt's full pages once and shares them among the slots of its samples;
   only the partly filled last prompt page is copied per sample (decoding writes into it).
@@ -99,7 +100,7 @@ class PagedEngine(Engine):
                                self.rules)
         vec = named_sharding(self.mesh, ("cache_batch",), (s,), self.rules)
         keys = named_sharding(self.mesh, ("cache_batch", None), (s, 2), self.rules)
-        return {"cache": {"k": kv, "v": kv, "lengths": vec, "page_table": table}, "tokens": vec,
+        return {"cache": {"kv": kv, "lengths": vec, "page_table": table}, "tokens": vec,
                 "active": vec, "generated": vec, "limit": vec, "keys": keys}
 
     @property
@@ -117,11 +118,11 @@ class PagedEngine(Engine):
             dt = jnp_dtype(self.cache_dtype)
 
             def make():
-                kv = jnp.zeros((cfg.num_layers, n, cfg.num_kv_heads, self.page_size, cfg.head_dim),
-                               dt)
+                kv = jnp.zeros((cfg.num_layers, n, self.page_size, cfg.num_kv_heads, 2,
+                                cfg.head_dim), dt)
                 z = jnp.zeros((s,), jnp.int32)
                 table = jnp.full((s, self.pages_per_slot), n // self.shards, jnp.int32)  # none
-                return {"cache": {"k": kv, "v": kv, "lengths": z, "page_table": table},
+                return {"cache": {"kv": kv, "lengths": z, "page_table": table},
                         "tokens": z, "active": jnp.zeros((s,), bool), "generated": z, "limit": z,
                         "keys": jnp.zeros((s, 2), jnp.uint32)}
 
@@ -246,12 +247,13 @@ class PagedEngine(Engine):
         return self._insert[sig](arrays, decode_state, jnp.asarray(slot_arr), jnp.asarray(key_arr),
                                  jnp.int32(budget), jnp.asarray(write))
 
-    def _prefix_pages(self, x: jax.Array, n_prefix: int) -> jax.Array:
-        """A prefix cache [L, 1, K, bucket, hd] as pages [L, n_prefix, K, P, hd]."""
+    def _prefix_pages(self, k: jax.Array, v: jax.Array, n_prefix: int) -> jax.Array:
+        """A prefix's dense caches k, v [L, 1, K, bucket, hd] as pages [L, n_prefix, P, K, 2, hd]."""
         p = self.page_size
-        x = jnp.pad(x[:, 0], ((0, 0), (0, 0), (0, n_prefix * p - x.shape[3]), (0, 0)))
-        x = x.reshape(x.shape[0], x.shape[1], n_prefix, p, x.shape[-1])
-        return jnp.transpose(x, (0, 2, 1, 3, 4))
+        x = jnp.stack([k[:, 0], v[:, 0]], axis=-2)  # [L, K, bucket, 2, hd]
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, n_prefix * p - x.shape[2]), (0, 0), (0, 0)))
+        x = x.reshape(x.shape[0], x.shape[1], n_prefix, p, 2, x.shape[-1])
+        return jnp.transpose(x, (0, 2, 3, 1, 4, 5))
 
     def _build_paged_insert(self, bucket: int, width: int):
         rep = self._replicated
@@ -260,14 +262,14 @@ class PagedEngine(Engine):
         def fn(prefix, state, slots, keys, budget, write):
             cache = state["cache"]
 
-            def put(pool, x):
-                pages = self._prefix_pages(x.astype(pool.dtype), n_prefix)
+            def put(pool, k, v):
+                pages = self._prefix_pages(k.astype(pool.dtype), v.astype(pool.dtype), n_prefix)
                 pages = jnp.broadcast_to(pages[:, None], (pages.shape[0], width) + pages.shape[1:])
                 return pool.at[:, write].set(pages, mode="drop")
 
             fill = lambda arr, val: arr.at[slots].set(val, mode="drop")  # noqa: E731
             return {
-                "cache": {"k": put(cache["k"], prefix["k"]), "v": put(cache["v"], prefix["v"]),
+                "cache": {"kv": put(cache["kv"], prefix["k"], prefix["v"]),
                           "lengths": fill(cache["lengths"], prefix["true_length"] - 1),
                           "page_table": cache["page_table"]},
                 **inserted_slot_state(state, slots, prefix["last_token"], keys, budget),
@@ -307,8 +309,7 @@ class PagedEngine(Engine):
             def fn(state, slot, ids):
                 cache = state["cache"]
                 take = lambda x: jnp.take(x, ids, axis=1, mode="clip")  # noqa: E731
-                saved = {"k": take(cache["k"]), "v": take(cache["v"]),
-                         "lengths": cache["lengths"][slot]}
+                saved = {"kv": take(cache["kv"]), "lengths": cache["lengths"][slot]}
                 saved.update({k: state[k][slot] for k in ("tokens", "generated", "limit", "keys")})
                 return dict(state, active=state["active"].at[slot].set(False)), saved
 
@@ -339,7 +340,7 @@ class PagedEngine(Engine):
                 put = lambda pool, x: pool.at[:, ids].set(x.astype(pool.dtype), mode="drop")  # noqa
                 set_ = lambda arr, val: arr.at[slot].set(val)  # noqa: E731
                 return {
-                    "cache": {"k": put(cache["k"], saved["k"]), "v": put(cache["v"], saved["v"]),
+                    "cache": {"kv": put(cache["kv"], saved["kv"]),
                               "lengths": set_(cache["lengths"], saved["lengths"]),
                               "page_table": cache["page_table"]},
                     "tokens": set_(state["tokens"], saved["tokens"]),
