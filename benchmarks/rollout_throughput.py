@@ -24,7 +24,10 @@ cache reads every slot's whole row each step; the paged one reads the pages in u
 DAPO-shaped rollout, `--dapo_prompts` x `--dapo_samples` samples whose lengths are drawn from a
 lognormal with mean `--dapo_max_new` / 4 (per-request max_new_tokens; the stop id is outside the
 vocabulary, so every sample runs to its budget), tokens/s of both caches; (c) their KV memory and
-how many samples fit at once in the dense cache's memory.
+how many samples fit at once in the dense cache's memory; (p) prefill of `--prefill_prompts` prompts
+with lengths uniform in [`--prefill_min_len`, `--prefill_max_len`]: one call per prompt padded to its
+power-of-two bucket (the dense engine, and the paged one before packing) against packed rows
+(`PagedEngine.prefill_many`), tokens computed and prompt tokens/s.
 """
 
 from __future__ import annotations
@@ -99,9 +102,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--paged_preset", default=None,
                    help="model shape of the paged sections (default: qwen2.5-0.5b on GPU/TPU; on "
                         "CPU tiny, whose small matmuls leave attention its real share of a step)")
-    p.add_argument("--paged_sections", type=_csv(str), default=["a", "b"],
+    p.add_argument("--paged_sections", type=_csv(str), default=["a", "b", "p"],
                    help="which paged sections to run: a (decode step), b (DAPO rollout; c comes "
-                        "with it)")
+                        "with it), p (packed prefill)")
+    p.add_argument("--prefill_prompts", type=int, default=None,
+                   help="(p): prompts (default 32 on CPU, 256 on GPU/TPU)")
+    p.add_argument("--prefill_min_len", type=int, default=32, help="(p): shortest prompt")
+    p.add_argument("--prefill_max_len", type=int, default=512,
+                   help="(p): longest prompt (also max_prefill_length)")
+    p.add_argument("--prefill_row_tokens", type=int, default=2048,
+                   help="(p): tokens per packed prefill row")
     p.add_argument("--step_targets", type=_csv(int), default=[128, 8192],
                    help="(a): max_target_length values, the first one the baseline")
     p.add_argument("--step_batch", type=int, default=16, help="(a): slots decoding at once")
@@ -122,10 +132,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.paged_only, args.paged_preset, args.prompt_len, args.steps_per_sync = True, "tiny", 8, 4
         args.step_targets, args.step_batch, args.step_new_tokens = [32, 256], 4, 8
         args.dapo_prompts, args.dapo_samples, args.dapo_max_new, args.dapo_slots = 2, 4, 64, 4
+        args.prefill_prompts, args.prefill_min_len, args.prefill_max_len = 6, 3, 40
+        args.prefill_row_tokens = 64
         args.matmul_n = 256
     on_cpu = jax.default_backend() == "cpu"
     args.paged_preset = args.paged_preset or ("tiny" if on_cpu else "qwen2.5-0.5b")
     args.dapo_prompts = args.dapo_prompts or (8 if on_cpu else 16)
+    args.prefill_prompts = args.prefill_prompts or (32 if on_cpu else 256)
+    if not 1 <= args.prefill_min_len <= args.prefill_max_len:
+        p.error(f"--prefill_min_len ({args.prefill_min_len}) must be in [1, --prefill_max_len "
+                f"({args.prefill_max_len})]")
     if min(args.step_targets) <= args.prompt_len + args.step_new_tokens - 1:
         p.error(f"--step_targets must all exceed --prompt_len + --step_new_tokens - 1 "
                 f"({args.prompt_len + args.step_new_tokens - 1})")
@@ -274,6 +290,8 @@ PAGED_DAPO_COLUMNS = ["kv_cache", "samples", "tokens", "wall s", "prefill + inse
                       "decode tok/s", "vs dense", "preemptions"]
 PAGED_MEMORY_COLUMNS = ["kv_cache", "KV allocated MiB", "KV peak in use MiB",
                         "samples at once in the dense budget"]
+PREFILL_COLUMNS = ["prefill", "calls", "prompt tokens", "tokens computed", "padding", "s",
+                   "prompt tok/s", "vs one per prompt"]
 
 
 def _paged_engine(cfg: ModelConfig, kv_cache: str, slots: int, prompt_len: int, target: int,
@@ -355,6 +373,38 @@ def dapo_rollout(cfg: ModelConfig, params: Any, kv_cache: str, requests: list[Ro
             "kv_peak_bytes": int(peak)}
 
 
+def prefill_comparison(cfg: ModelConfig, params: Any, args: argparse.Namespace
+                       ) -> list[dict[str, Any]]:
+    """(p) The same prompts prefilled one per call at its bucket (`Engine.prefill_many`) and packed
+    into rows (`PagedEngine.prefill_many`); each timed after an untimed pass that compiles."""
+    rng = np.random.default_rng(args.seed)
+    lengths = rng.integers(args.prefill_min_len, args.prefill_max_len + 1, args.prefill_prompts)
+    prompts = [[int(t) for t in rng.integers(3, cfg.vocab_size, n)] for n in lengths]
+    rows = []
+    for name, kv_cache in (("one per prompt", "dense"), ("packed", "paged")):
+        eng = build_engine(cfg, kv_cache=kv_cache, kv_page_size=args.kv_page_size,
+                           prefill_row_tokens=args.prefill_row_tokens, max_concurrent_decodes=1,
+                           max_prefill_length=args.prefill_max_len,
+                           max_target_length=args.prefill_max_len + 1,
+                           stop_token_ids=[cfg.vocab_size], cache_dtype=args.cache_dtype,
+                           decode_layout=args.decode_layout)
+        weights = eng.load_params(params)
+        jax.block_until_ready(eng.prefill_many(weights, prompts))  # compiles every bucket
+        before = eng.prefill_computed_tokens
+        t0 = time.perf_counter()
+        prefixes = jax.block_until_ready(eng.prefill_many(weights, prompts))
+        wall = time.perf_counter() - t0
+        calls = len(prefixes) if kv_cache == "dense" else len({id(p["row"]) for p in prefixes})
+        computed = eng.prefill_computed_tokens - before
+        rows.append({"prefill": name, "calls": calls, "prompt_tokens": int(lengths.sum()),
+                     "computed_tokens": int(computed), "wall_s": wall,
+                     "tokens_per_s": float(lengths.sum()) / wall})
+        print(f"[rollout_throughput] (p) {name}: {wall:.2f} s, {computed} tokens computed",
+              file=sys.stderr, flush=True)
+        del prefixes, weights, eng
+    return rows
+
+
 def run_paged(args: argparse.Namespace) -> dict[str, Any]:
     """Sections (a)-(c): paged vs dense KV cache at `--paged_preset`'s shape, random weights."""
     cfg = models.preset(args.paged_preset).replace(dtype=args.dtype)
@@ -375,8 +425,10 @@ def run_paged(args: argparse.Namespace) -> dict[str, Any]:
             print(f"[rollout_throughput] (a) {kv_cache} max_target_length {target}: "
                   f"{ms['min']:.2f} ms/step (median {ms['median']:.2f})", file=sys.stderr,
                   flush=True)
+    prefill = prefill_comparison(cfg, params, args) if "p" in args.paged_sections else []
     if "b" not in args.paged_sections:
-        return {"preset": args.paged_preset, "steps": steps, "dapo": None, "memory": None}
+        return {"preset": args.paged_preset, "steps": steps, "dapo": None, "memory": None,
+                "prefill": prefill}
     requests = dapo_requests(cfg.vocab_size, args)
     dapo = {}
     for kv_cache in ("dense", "paged"):
@@ -396,7 +448,8 @@ def run_paged(args: argparse.Namespace) -> dict[str, Any]:
               "dense_samples": args.dapo_slots, "paged_samples": plan.concurrent_samples,
               "paged_samples_at_max": plan.concurrent_samples_at_max}
     return {"preset": args.paged_preset, "steps": steps, "dapo": dapo, "memory": memory,
-            "speedup": dapo["paged"]["tokens_per_s"] / dapo["dense"]["tokens_per_s"]}
+            "speedup": dapo["paged"]["tokens_per_s"] / dapo["dense"]["tokens_per_s"],
+            "prefill": prefill}
 
 
 def format_paged_report(r: dict[str, Any], args: argparse.Namespace) -> str:
@@ -411,6 +464,16 @@ def format_paged_report(r: dict[str, Any], args: argparse.Namespace) -> str:
         head += [f"(a) decode step, {args.step_batch} slots, {args.prompt_len}-token prompts, "
                  f"{args.step_new_tokens} new tokens each, only max_target_length changes:", "",
                  common.markdown_table(PAGED_STEP_COLUMNS, steps), ""]
+    if r["prefill"]:
+        base = r["prefill"][0]["tokens_per_s"]
+        rows = [[x["prefill"], x["calls"], x["prompt_tokens"], x["computed_tokens"],
+                 f"{x['computed_tokens'] / x['prompt_tokens'] - 1:.0%}", common.fmt(x["wall_s"]),
+                 common.fmt(x["tokens_per_s"]), f"{x['tokens_per_s'] / base:.2f}x"]
+                for x in r["prefill"]]
+        head += [f"(p) prefill of {args.prefill_prompts} prompts, lengths uniform in "
+                 f"[{args.prefill_min_len}, {args.prefill_max_len}], packed rows of up to "
+                 f"{args.prefill_row_tokens} tokens:", "",
+                 common.markdown_table(PREFILL_COLUMNS, rows), ""]
     d, m = r["dapo"], r["memory"]
     if d is None:
         return "\n".join(head)

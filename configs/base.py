@@ -99,6 +99,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.rollout.kv_cache = "paged"
     c.rollout.kv_pool_tokens = 0  # pool size in tokens; 0 = slots x max length (never preempts)
     c.rollout.kv_page_size = 16  # tokens per page
+    # Paged cache: prompts are prefilled packed, several per call, in rows of this many tokens
+    # (raised to data.max_prompt_length if smaller), each row padded only to its power-of-two
+    # bucket; the dense cache prefills one prompt per call, padded to its own bucket.
+    c.rollout.prefill_row_tokens = 2048
 
     c.algo = ml_collections.ConfigDict()
     c.algo.clip_ratio_low = 0.2

@@ -78,6 +78,9 @@ def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None
     page, pool = int(c.rollout.get("kv_page_size", 16)), int(c.rollout.get("kv_pool_tokens", 0))
     _check(page >= 1, "rollout.kv_page_size", f"must be >= 1 (tokens per KV page), got {page}; "
            "16 is a good default", p)
+    row = int(c.rollout.get("prefill_row_tokens", 2048))
+    _check(row >= 1, "rollout.prefill_row_tokens", f"must be >= 1 (tokens per packed prefill "
+           f"row), got {row}; 2048 is a good default", p)
     if kv_cache == "paged" and page >= 1:
         longest = int(c.data.max_prompt_length) + int(c.data.max_response_length)
         need = pages_for(longest, page) * page

@@ -208,6 +208,7 @@ def make_engine(config: ml_collections.ConfigDict, model_config: ModelConfig, me
     return build_engine(model_config, kv_cache=r.get("kv_cache", "dense"),
                         kv_pool_tokens=int(r.get("kv_pool_tokens", 0)),
                         kv_page_size=int(r.get("kv_page_size", 16)),
+                        prefill_row_tokens=int(r.get("prefill_row_tokens", 2048)),
                         max_concurrent_decodes=int(max_concurrent_decodes
                                                    or r.max_concurrent_decodes),
                         max_prefill_length=p, max_target_length=p + new,

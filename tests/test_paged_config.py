@@ -30,6 +30,10 @@ def test_defaults_are_a_paged_cache_the_size_of_the_dense_one():
     c.rollout.kv_cache, c.rollout.kv_pool_tokens, c.rollout.kv_page_size = "paged", 100, 8
     eng = experiment.make_engine(c, models.preset("tiny"), mesh, stop_ids=[2], pad_id=0)
     assert eng.num_pages == 13 and eng.page_size == 8  # 100 tokens rounded up to pages of 8
+    assert eng.prefill_row_tokens == 2048
+    c.rollout.prefill_row_tokens = 8  # below data.max_prompt_length: a row holds the longest prompt
+    eng = experiment.make_engine(c, models.preset("tiny"), mesh, stop_ids=[2], pad_id=0)
+    assert eng.prefill_row_tokens == 16 and eng.row_buckets == [16]
     c.rollout.kv_cache = "dense"
     eng = experiment.make_engine(c, models.preset("tiny"), mesh, stop_ids=[2], pad_id=0)
     assert type(eng) is Engine and eng.kv_cache == "dense"
@@ -38,6 +42,7 @@ def test_defaults_are_a_paged_cache_the_size_of_the_dense_one():
 @pytest.mark.parametrize("rollout, message", [
     (dict(kv_cache="ragged"), "config.rollout.kv_cache: must be one of ['paged', 'dense']"),
     (dict(kv_page_size=0), "config.rollout.kv_page_size: must be >= 1"),
+    (dict(prefill_row_tokens=0), "config.rollout.prefill_row_tokens: must be >= 1"),
     (dict(kv_pool_tokens=40), "config.rollout.kv_pool_tokens: must be 0 (default: every slot can "
                               "reach full length) or hold at least one sample"),
 ])

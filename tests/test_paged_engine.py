@@ -215,6 +215,47 @@ def test_samples_of_a_prompt_share_its_full_pages(tiny):
         small.generate(small.load_params(model), s, num_steps=40, sampling=GREEDY)
 
 
+def test_packed_prefill_computes_the_prompts_not_their_buckets(tiny):
+    """Several prompts share one prefill row (segment ids, restarting positions): each prompt's
+    K/V equal its own dense prefill's, the row is padded only to its bucket, rows split at
+    `prefill_row_tokens`, and the prefixes decode exactly like single-prompt ones."""
+    model, cfg = tiny
+    eng = PagedEngine(cfg, kv_page_size=4, max_concurrent_decodes=4, max_prefill_length=16,
+                      max_target_length=48, stop_token_ids=[EOF_ID], prefill_row_tokens=32)
+    dense = Engine(cfg, max_concurrent_decodes=4, max_prefill_length=16, max_target_length=48,
+                   stop_token_ids=[EOF_ID])
+    params, dparams = eng.load_params(model), dense.load_params(model)
+    prompts = _prompts(cfg.vocab_size, lengths=(5, 9, 3, 12, 7, 16, 1))  # 53 tokens
+    before = eng.prefill_computed_tokens
+    prefixes = eng.prefill_many(params, prompts)
+    rows = {id(p["row"]) for p in prefixes}
+    # In order, up to 32 tokens a row: [5, 9, 3, 12] (29 -> bucket 32), [7, 16, 1] (24 -> 32).
+    assert len(rows) == 2 and eng.prefill_computed_tokens - before == 64
+    assert sum(dense.bucket_for(len(p)) for p in prompts) == 16 * 7  # one bucket per prompt
+    assert [p["host"].start for p in prefixes] == [0, 5, 14, 17, 0, 7, 23]
+    for prompt, prefix in zip(prompts, prefixes):
+        want = dense.prefill_prefix(dparams, *dense.pad_tokens(prompt))
+        n, start = len(prompt), prefix["host"].start
+        got = np.asarray(prefix["row"])[:, start:start + n]  # [L, n, K, 2, hd]
+        np.testing.assert_allclose(got[..., 0, :],
+                                   np.swapaxes(np.asarray(want["k"])[:, 0, :, :n], 1, 2),
+                                   atol=1e-5)
+        np.testing.assert_allclose(got[..., 1, :],
+                                   np.swapaxes(np.asarray(want["v"])[:, 0, :, :n], 1, 2),
+                                   atol=1e-5)
+        assert prefix["host"].last_token == prompt[-1] and prefix["host"].true_length == n
+    with pytest.raises(ValueError, match="max_prefill_length"):
+        eng.prefill_many(params, [[3] * 17])
+    # The driver prefills the prompts its free slots take in one call, and reports the work.
+    reqs = [RolloutRequest(p, n=1, max_new_tokens=6) for p in prompts]
+    want = _driver(cfg, model, kv_cache="dense").generate(reqs)
+    got = _driver(cfg, model).generate(reqs)
+    _assert_same(got, want)
+    assert got.stats["prefill_tokens"] == 53 == want.stats["prefill_tokens"]
+    assert want.stats["prefill_computed_tokens"] == 16 * 7
+    assert 53 <= got.stats["prefill_computed_tokens"] <= 64, got.stats  # vs 112 one by one
+
+
 def test_the_decode_step_reads_only_the_pages_in_use(tiny):
     """A long max_target_length costs a paged step nothing at the same real lengths (the loop
     stops at the longest live sample), while its outputs stay those of a short engine."""

@@ -11,6 +11,7 @@ def test_quick_paged_sections_print_the_three_tables(capsys):
     result = rollout_throughput.main(["--quick"])
     text = capsys.readouterr().out
     assert common.table_headers(text) == [rollout_throughput.PAGED_STEP_COLUMNS,
+                                          rollout_throughput.PREFILL_COLUMNS,
                                           rollout_throughput.PAGED_DAPO_COLUMNS,
                                           rollout_throughput.PAGED_MEMORY_COLUMNS]
     paged = result["paged"]
@@ -28,3 +29,8 @@ def test_quick_paged_sections_print_the_three_tables(capsys):
     assert pg["kv_peak_bytes"] % page_bytes(cfg, 16, "float32") == 0
     assert paged["memory"]["paged_samples"] >= paged["memory"]["dense_samples"]
     assert "Paged vs dense KV cache (tiny shape" in text and "lognormal" in text
+    # Prefill: the same prompt tokens; one call per prompt computes their buckets, packed rows
+    # (64 tokens here) compute fewer positions in fewer calls.
+    one, packed = paged["prefill"]
+    assert one["prompt_tokens"] == packed["prompt_tokens"] and one["calls"] == 6
+    assert packed["calls"] < one["calls"] and packed["computed_tokens"] < one["computed_tokens"]

@@ -241,7 +241,8 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
                   attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                   *, cache: Mapping[str, jax.Array] | None = None, mesh: Mesh | None = None,
                   rules: Mapping[str, Any] | None = None, matmul: Matmul = project,
-                  segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+                  segment_ids: jax.Array | None = None, return_kv: bool = False
+                  ) -> tuple[jax.Array, dict | None]:
     """Runs embeddings + all layers + final norm. Returns (hidden [B,T,D], updated cache or None).
 
     Without `cache`: full causal self-attention; `attention_mask` [B,T] marks real tokens (padding on
@@ -249,7 +250,8 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     (default `segment_ids_from_mask(attention_mask)`) packs several samples in one row: a token attends
     to earlier tokens of its own nonzero segment only (0 = padding); the caller passes positions that
     restart per sample. Attention runs with `cfg.attention` (`models.attention`): the blockwise and
-    kernel implementations never hold a [T, T] score matrix.
+    kernel implementations never hold a [T, T] score matrix. With `return_kv` the second output is
+    every layer's keys and values, {"k", "v": [L,B,T,K,hd]} (the sampler's packed prefill).
     With `cache` ({"k","v": [L,B,K,S,hd], "lengths": [B]}): the T new tokens of each row are written at
     cache positions lengths[b] .. lengths[b]+T-1 and attend causally to everything before them; rows must
     be right-padded (padding after the real tokens), and `lengths` advances by the real-token count.
@@ -279,21 +281,28 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
         attend = _attention_fn(cfg, mesh, rules, q_segment_ids=segment_ids,
                                kv_segment_ids=segment_ids)
 
+        keep = (lambda k, v: (k, v, (k, v))) if return_kv else (lambda k, v: (k, v, None))
+
         def body(h, lp):
-            h, _ = _layer(cfg, mesh, rules, h, lp, positions, attend, lambda k, v: (k, v, None),
-                          matmul)
-            return h, None
+            return _layer(cfg, mesh, rules, h, lp, positions, attend, keep, matmul)
 
         body = _remat(body, cfg.remat)
         if isinstance(layers, (list, tuple)):
+            kvs = []
             for lp in layers:
-                h, _ = body(h, lp)
+                h, kv = body(h, lp)
+                kvs.append(kv)
+            kvs = jax.tree.map(lambda *x: jnp.stack(x), *kvs) if return_kv else None
         elif cfg.scan_layers:
-            h, _ = jax.lax.scan(body, h, layers)
+            h, kvs = jax.lax.scan(body, h, layers)
         else:
+            kvs = []
             for i in range(cfg.num_layers):
-                h, _ = body(h, jax.tree.map(lambda x: x[i], layers))
-        return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), None
+                h, kv = body(h, jax.tree.map(lambda x: x[i], layers))
+                kvs.append(kv)
+            kvs = jax.tree.map(lambda *x: jnp.stack(x), *kvs) if return_kv else None
+        h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+        return h, ({"k": kvs[0], "v": kvs[1]} if return_kv else None)
 
     if "page_table" in cache:
         h, new_cache = _paged_decode(params, cfg, h, attention_mask, positions, cache, mesh, rules,

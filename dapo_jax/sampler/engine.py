@@ -126,6 +126,7 @@ class Engine:
         self._cast = None
         self._init_state = None
         self._prefill = {}
+        self.prefill_computed_tokens = 0  # positions prefilled, bucket padding included
         self._insert = {}
         self._generate = {}
 
@@ -237,6 +238,7 @@ class Engine:
         if sig not in self._prefill:
             self._prefill[sig] = self._build_prefill(bucket, sampling)
         key = jax.random.key_data(key) if key is not None else jnp.zeros((2,), jnp.uint32)
+        self.prefill_computed_tokens += bucket
         prefix, first = self._prefill[sig](params, jnp.asarray(padded_tokens, jnp.int32),
                                            jnp.int32(true_length), key)
         first = tree_to_host(first)
@@ -267,8 +269,14 @@ class Engine:
         key = ("prefix", bucket)
         if key not in self._prefill:
             self._prefill[key] = self._build_prefill(bucket, None)
+        self.prefill_computed_tokens += bucket
         return self._prefill[key](params, jnp.asarray(padded_tokens, jnp.int32),
                                   jnp.int32(true_length))
+
+    def prefill_many(self, params: Params, prompts: Sequence[Sequence[int]]) -> list[Prefix]:
+        """Prefixes of several prompts (token lists): here one `prefill_prefix` each, padded to its
+        bucket; the paged engine packs them into shared rows."""
+        return [self.prefill_prefix(params, *self.pad_tokens(p)) for p in prompts]
 
     def _build_prefill(self, bucket: int, sp: SamplingParams | None):
         """The prefill program; with sampling params `sp` it also draws the first token."""

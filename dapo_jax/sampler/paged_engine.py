@@ -7,8 +7,13 @@ per slot); the differences are where K/V live and what a step reads:
   head_dim]: a KV head's key and value side by side, the TPU ragged paged attention kernel's layout)
   and a page table [slots, pages_per_slot]; `paged_cache.PagePool` (host side) hands pages
   out as samples grow and takes them back when they finish.
-- `insert_many` writes a prompt's full pages once and shares them among the slots of its samples;
-  only the partly filled last prompt page is copied per sample (decoding writes into it).
+- Prefill packs prompts: `prefill_many` puts several prompts in one row (segment ids keep each
+  prompt's attention to itself, positions restart per prompt) padded only to the row's bucket, so
+  prefill computes the prompts' tokens, not one power-of-two bucket per prompt. A prefix is its
+  row's K/V in the pool's token-major layout plus where the prompt sits in it.
+- `insert_many` copies a prompt's full pages from the row once and shares them among the slots of
+  its samples; only the partly filled last prompt page is copied per sample (decoding writes into
+  it). The copy gathers exactly the pages written.
 - A decode step's attention (`attention.paged_decode_attention`) loops over the pages in use, up to
   the longest live sample, so its cost follows the generated lengths, not max_target_length.
 - Before a `generate` of `num_steps` steps each live slot must own pages for `num_steps` more
@@ -32,22 +37,27 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from dapo_jax.models.config import ModelConfig
-from dapo_jax.models.qwen2 import Params, jnp_dtype, mesh_axes_size, paged_cache_specs
+from dapo_jax.models.qwen2 import (Params, decoder_apply, jnp_dtype, mesh_axes_size,
+                                   paged_cache_specs)
 from dapo_jax.models.sharding import named_sharding
 from dapo_jax.runtime.host_transfer import tree_to_host
 from dapo_jax.sampler.engine import (DecodeState, Engine, Prefix, ResultTokens,
-                                     inserted_slot_state)
+                                     inserted_slot_state, prefill_buckets)
 from dapo_jax.sampler.paged_cache import KV_CACHE_CHOICES, PagePool, pages_for, pool_pages
 from dapo_jax.sampler.sampling import SamplingParams
 
 DEFAULT_PAGE_SIZE = 16
+DEFAULT_PREFILL_ROW_TOKENS = 2048  # tokens per packed prefill call (at least max_prefill_length)
 
 
 @dataclasses.dataclass
 class PrefixPages:
-    """Host-side facts about a prefix: its prompt length and the pool pages its samples share."""
+    """Host-side facts about a prefix: its prompt, where its K/V sit in its prefill row, and the
+    pool pages its samples share."""
 
     true_length: int
+    last_token: int
+    start: int = 0  # the prompt's first position in the row (packed prefill puts several in one)
     shared: dict[int, tuple[list[int], list[int]]] = dataclasses.field(default_factory=dict)
     # per pool shard: (its shared pages, their allocation stamps when written)
 
@@ -75,13 +85,19 @@ class PagedEngine(Engine):
     kv_cache = "paged"
 
     def __init__(self, model_config: ModelConfig, *, kv_pool_tokens: int = 0,
-                 kv_page_size: int = DEFAULT_PAGE_SIZE, **kwargs: Any):
+                 kv_page_size: int = DEFAULT_PAGE_SIZE,
+                 prefill_row_tokens: int = DEFAULT_PREFILL_ROW_TOKENS, **kwargs: Any):
         if kv_page_size < 1:
             raise ValueError(f"kv_page_size must be >= 1, got {kv_page_size}")
+        if prefill_row_tokens < 1:
+            raise ValueError(f"prefill_row_tokens must be >= 1, got {prefill_row_tokens}")
         self.page_size = int(kv_page_size)
         self.pages_per_slot = pages_for(int(kwargs["max_target_length"]), self.page_size)
         self._pool_tokens = int(kv_pool_tokens)
         super().__init__(model_config, **kwargs)  # sizes the pool (_state_shardings)
+        self.prefill_row_tokens = max(int(prefill_row_tokens), self.max_prefill_length)
+        self.row_buckets = prefill_buckets(self.prefill_row_tokens,
+                                           kwargs.get("min_prefill_bucket", 16))
         self.pool: PagePool | None = None
         self._preempt_fn = None
         self._resume_fn = None
@@ -149,18 +165,98 @@ class PagedEngine(Engine):
                                              lambda idx: host[idx])
         return dict(state, cache=dict(state["cache"], page_table=table))
 
-    # -- prefill: the dense program, plus the host facts insert needs --------------------------
+    # -- prefill: prompts packed into rows, K/V kept in the pool's token-major layout ---------
+    def prefill_many(self, params: Params, prompts: Sequence[Sequence[int]]) -> list[Prefix]:
+        """Prefixes of several prompts from as few prefill calls as fit: prompts are packed, in
+        order, into rows of up to `prefill_row_tokens` tokens (segment ids keep each prompt's
+        attention to itself, positions restart per prompt), and a row is padded only to its own
+        bucket, so the compute follows the prompts' real lengths. No host sync."""
+        out: list[Prefix] = []
+        rows: list[list[int]] = [[]]
+        used = 0
+        for i, p in enumerate(prompts):
+            n = len(p)
+            self.bucket_for(n)  # checks the prompt against max_prefill_length
+            if used + n > self.prefill_row_tokens and rows[-1]:
+                rows.append([])
+                used = 0
+            rows[-1].append(i)
+            used += n
+        for members in rows:
+            if members:
+                out.extend(self._prefill_row(params, [prompts[i] for i in members]))
+        return out
+
+    def _prefill_row(self, params: Params, prompts: Sequence[Sequence[int]]) -> list[Prefix]:
+        total = sum(len(p) for p in prompts)
+        bucket = next(b for b in self.row_buckets if total <= b)
+        tokens = np.full((bucket,), self.pad_token_id, np.int32)
+        segments = np.zeros((bucket,), np.int32)
+        positions = np.zeros((bucket,), np.int32)
+        starts, at = [], 0
+        for j, p in enumerate(prompts):
+            n = len(p)
+            tokens[at:at + n] = np.asarray(p, np.int32)
+            segments[at:at + n] = j + 1
+            positions[at:at + n] = np.arange(n)
+            starts.append(at)
+            at += n
+        if ("row", bucket) not in self._prefill:
+            self._prefill[("row", bucket)] = self._build_row_prefill(bucket)
+        row = self._prefill[("row", bucket)](params, jnp.asarray(tokens), jnp.asarray(segments),
+                                              jnp.asarray(positions))
+        self.prefill_computed_tokens += bucket
+        return [{"row": row, "host": PrefixPages(len(p), int(p[-1]), start)}
+                for p, start in zip(prompts, starts)]
+
+    def _row_sharding(self, length: int) -> NamedSharding:
+        cfg = self.config
+        return named_sharding(self.mesh, ("layers", None, "act_kv_heads", None, "head_dim"),
+                              (cfg.num_layers, length, cfg.num_kv_heads, 2, cfg.head_dim),
+                              self.rules)
+
+    def _build_row_prefill(self, bucket: int):
+        """jit(params, tokens, segment ids, positions [bucket]) -> the row's K/V
+        [L, bucket + page, K, 2, hd] (a page of padding at the end, so every page-sized slice of a
+        prompt stays inside the row)."""
+        cfg, mesh, rules, matmul = self.config, self.mesh, self.rules, self.decode_layout.matmul
+        dt, p = jnp_dtype(self.cache_dtype), self.page_size
+
+        def fn(params, tokens, segments, positions):
+            _, kv = decoder_apply(params, cfg, tokens[None], (segments > 0)[None].astype(jnp.int32),
+                                  positions[None], mesh=mesh, rules=rules, matmul=matmul,
+                                  segment_ids=segments[None], return_kv=True)
+            row = jnp.stack([kv["k"][:, 0], kv["v"][:, 0]], axis=-2).astype(dt)  # [L,T,K,2,hd]
+            return jnp.pad(row, ((0, 0), (0, p), (0, 0), (0, 0), (0, 0)))
+
+        rep = self._replicated
+        return jax.jit(fn, in_shardings=(self.param_shardings, rep, rep, rep),
+                       out_shardings=self._row_sharding(bucket + p))
+
     def prefill(self, params: Params, padded_tokens, true_length: int, *, key=None,
                 sampling: SamplingParams = SamplingParams()) -> tuple[Prefix, ResultTokens]:
-        """`Engine.prefill`; the prefix also records its prompt length for page sharing."""
+        """`Engine.prefill` (the dense program draws the first token); the prefix is recast as a
+        one-prompt row."""
         prefix, first = super().prefill(params, padded_tokens, true_length, key=key,
                                         sampling=sampling)
-        return dict(prefix, host=PrefixPages(int(true_length))), first
+        bucket = int(prefix["k"].shape[3])
+        if ("to_row", bucket) not in self._prefill:
+            p = self.page_size
+
+            def to_row(k, v):  # [L, 1, K, bucket, hd] each -> [L, bucket + page, K, 2, hd]
+                row = jnp.transpose(jnp.stack([k[:, 0], v[:, 0]], axis=-2), (0, 2, 1, 3, 4))
+                return jnp.pad(row, ((0, 0), (0, p), (0, 0), (0, 0), (0, 0)))
+
+            self._prefill[("to_row", bucket)] = jax.jit(
+                to_row, out_shardings=self._row_sharding(bucket + p))
+        row = self._prefill[("to_row", bucket)](prefix["k"], prefix["v"])
+        last = int(np.asarray(padded_tokens)[int(true_length) - 1])
+        return {"row": row, "host": PrefixPages(int(true_length), last)}, first
 
     def prefill_prefix(self, params: Params, padded_tokens, true_length: int) -> Prefix:
-        """`Engine.prefill_prefix`; the prefix also records its prompt length for page sharing."""
-        prefix = super().prefill_prefix(params, padded_tokens, true_length)
-        return dict(prefix, host=PrefixPages(int(true_length)))
+        """`Engine.prefill_prefix`: a row of one prompt (`prefill_many` packs several)."""
+        self._check_bucket(padded_tokens)
+        return self.prefill_many(params, [np.asarray(padded_tokens)[:int(true_length)].tolist()])[0]
 
     # -- insert --------------------------------------------------------------------------------
     def _shared_count(self, prefix: Prefix) -> int:
@@ -216,8 +312,7 @@ class PagedEngine(Engine):
         pool, meta = self._pool(), prefix["host"]
         for s in slots:  # JetStream semantics: inserting into a busy slot replaces its sample
             pool.release(s)
-        bucket = int(prefix["k"].shape[3])
-        n_prefix, n_shared = pages_for(bucket, self.page_size), self._shared_count(prefix)
+        n_shared = self._shared_count(prefix)
         need = self._needs(prefix, slots)
         free = np.asarray([pool.free_in(d) for d in range(self.shards)])
         if (need > free).any():
@@ -225,9 +320,10 @@ class PagedEngine(Engine):
                                f"pages per shard, {free.tolist()} are free; check "
                                "Engine.admissible first or raise rollout.kv_pool_tokens")
         slot_arr, key_arr, budget = self._insert_args(slots, keys, max_new_tokens)
-        width = len(slot_arr)
-        write = np.full((width, n_prefix), self.num_pages, np.int32)  # out of range: not written
-        for w, s in enumerate(slots):
+        # Page writes (pool page, first row position): a shard's shared prompt pages once, then
+        # each sample's own page (the one holding the last prompt token, which decoding rewrites).
+        dest, src = [], []
+        for s in slots:
             d = int(pool.slot_shard[s])
             if self._reusable(prefix, d):
                 shared = list(meta.shared[d][0])
@@ -235,48 +331,47 @@ class PagedEngine(Engine):
             else:  # the first of this shard's slots writes the shard's copy
                 shared = pool.alloc(n_shared, d)
                 meta.shared[d] = (shared, pool.stamp[shared].tolist())
-                write[w, :n_shared] = shared
+                dest += shared
+                src += [meta.start + j * self.page_size for j in range(n_shared)]
             own = pool.alloc(1, d)
-            write[w, n_shared] = own[0]
+            dest.append(own[0])
+            src.append(meta.start + n_shared * self.page_size)
             pool.assign(s, shared + own, meta.true_length - 1)
+        writes = 1 << (len(dest) - 1).bit_length()  # powers of two: few compiles
+        dest_arr = np.full((writes,), self.num_pages, np.int32)  # out of range: not written
+        src_arr = np.zeros((writes,), np.int32)
+        dest_arr[:len(dest)], src_arr[:len(src)] = dest, src
 
-        sig = (bucket, width)
+        row = prefix["row"]
+        sig = (int(row.shape[1]), writes, len(slot_arr))
         if sig not in self._insert:
-            self._insert[sig] = self._build_paged_insert(bucket, width)
-        arrays = {k: prefix[k] for k in ("k", "v", "true_length", "last_token")}
-        return self._insert[sig](arrays, decode_state, jnp.asarray(slot_arr), jnp.asarray(key_arr),
-                                 jnp.int32(budget), jnp.asarray(write))
+            self._insert[sig] = self._build_paged_insert(*sig)
+        return self._insert[sig](row, decode_state, jnp.asarray(slot_arr), jnp.asarray(key_arr),
+                                 jnp.int32(budget), jnp.asarray(dest_arr), jnp.asarray(src_arr),
+                                 jnp.int32(meta.true_length), jnp.int32(meta.last_token))
 
-    def _prefix_pages(self, k: jax.Array, v: jax.Array, n_prefix: int) -> jax.Array:
-        """A prefix's dense caches k, v [L, 1, K, bucket, hd] as pages [L, n_prefix, P, K, 2, hd]."""
-        p = self.page_size
-        x = jnp.stack([k[:, 0], v[:, 0]], axis=-2)  # [L, K, bucket, 2, hd]
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, n_prefix * p - x.shape[2]), (0, 0), (0, 0)))
-        x = x.reshape(x.shape[0], x.shape[1], n_prefix, p, 2, x.shape[-1])
-        return jnp.transpose(x, (0, 2, 3, 1, 4, 5))
+    def _build_paged_insert(self, row_length: int, writes: int, width: int):
+        """jit(row, state, slots, keys, budget, dest pages, row offsets, prompt length, last token):
+        copies `writes` page-sized slices of the prefill row into pool pages (cost follows the
+        pages written) and starts the slots' samples."""
+        rep, p = self._replicated, self.page_size
 
-    def _build_paged_insert(self, bucket: int, width: int):
-        rep = self._replicated
-        n_prefix = pages_for(bucket, self.page_size)
-
-        def fn(prefix, state, slots, keys, budget, write):
+        def fn(row, state, slots, keys, budget, dest, src, true_length, last_token):
             cache = state["cache"]
-
-            def put(pool, k, v):
-                pages = self._prefix_pages(k.astype(pool.dtype), v.astype(pool.dtype), n_prefix)
-                pages = jnp.broadcast_to(pages[:, None], (pages.shape[0], width) + pages.shape[1:])
-                return pool.at[:, write].set(pages, mode="drop")
-
+            pool = cache["kv"]
+            pages = jax.vmap(lambda o: jax.lax.dynamic_slice_in_dim(row, o, p, axis=1))(src)
+            pages = jnp.moveaxis(pages, 0, 1).astype(pool.dtype)  # [L, writes, P, K, 2, hd]
             fill = lambda arr, val: arr.at[slots].set(val, mode="drop")  # noqa: E731
             return {
-                "cache": {"kv": put(cache["kv"], prefix["k"], prefix["v"]),
-                          "lengths": fill(cache["lengths"], prefix["true_length"] - 1),
+                "cache": {"kv": pool.at[:, dest].set(pages, mode="drop"),
+                          "lengths": fill(cache["lengths"], true_length - 1),
                           "page_table": cache["page_table"]},
-                **inserted_slot_state(state, slots, prefix["last_token"], keys, budget),
+                **inserted_slot_state(state, slots, last_token, keys, budget),
             }
 
         return jax.jit(fn, donate_argnums=(1,),
-                       in_shardings=(None, self.state_shardings, rep, rep, rep, rep),
+                       in_shardings=(self._row_sharding(row_length), self.state_shardings,
+                                     rep, rep, rep, rep, rep, rep, rep),
                        out_shardings=self.state_shardings)
 
     # -- page reservation, preemption, resumption ----------------------------------------------
@@ -394,11 +489,14 @@ class PagedEngine(Engine):
 
 
 def build_engine(model_config: ModelConfig, *, kv_cache: str = "dense", kv_pool_tokens: int = 0,
-                 kv_page_size: int = DEFAULT_PAGE_SIZE, **kwargs: Any) -> Engine:
-    """An `Engine` (dense KV cache) or a `PagedEngine`, by `kv_cache` (one of KV_CACHE_CHOICES)."""
+                 kv_page_size: int = DEFAULT_PAGE_SIZE,
+                 prefill_row_tokens: int = DEFAULT_PREFILL_ROW_TOKENS, **kwargs: Any) -> Engine:
+    """An `Engine` (dense KV cache) or a `PagedEngine`, by `kv_cache` (one of KV_CACHE_CHOICES);
+    `prefill_row_tokens` is the paged engine's packed prefill row (the dense one prefills per
+    prompt)."""
     if kv_cache == "dense":
         return Engine(model_config, **kwargs)
     if kv_cache == "paged":
         return PagedEngine(model_config, kv_pool_tokens=kv_pool_tokens, kv_page_size=kv_page_size,
-                           **kwargs)
+                           prefill_row_tokens=prefill_row_tokens, **kwargs)
     raise ValueError(f"unknown kv_cache {kv_cache!r}; choose one of {list(KV_CACHE_CHOICES)}")

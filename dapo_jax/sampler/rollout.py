@@ -53,7 +53,8 @@ class Sample:
 class RolloutResult:
     """Samples per request (request order, then sample order) and timing counters.
 
-    `stats`: prefill_tokens, decode_tokens, decode_steps, wall_s, tokens_per_s, decode_tokens_per_s,
+    `stats`: prefill_tokens, prefill_computed_tokens (with the padding the engine computed),
+    decode_tokens, decode_steps, wall_s, tokens_per_s, decode_tokens_per_s,
     (paged KV cache) preemptions, kv_pages, kv_pages_used, kv_peak_pages, and seconds per phase (prefill_s, insert_s, decode_s). Prefills and inserts are dispatched without
     waiting; one wait per refill round, before the next decode, lets them finish, so decode_s holds
     decode steps only and prefill_s + insert_s the rest (the split between those two is the host's
@@ -122,6 +123,8 @@ class RolloutDriver:
         next_sample = [0] * len(requests)
         prefix = None
         prefix_req = -1
+        ready: dict[int, Any] = {}  # prefilled prompts not yet taken from the queue's front
+        computed0 = eng.prefill_computed_tokens
         all_keys = eng.sample_keys_many(seed, [r.n for r in requests])
         pool = concurrent.futures.ThreadPoolExecutor(1) if self.tokenizer is not None else None
         texts: dict[tuple[int, int], concurrent.futures.Future] = {}
@@ -146,12 +149,21 @@ class RolloutDriver:
                 r = queue[0]
                 req = requests[r]
                 if prefix_req != r:
-                    t0 = time.perf_counter()
-                    padded, true_len = eng.pad_tokens(req.prompt)
-                    prefix = eng.prefill_prefix(self.params, padded, true_len)
+                    if r not in ready:  # prefill, in one call, the prompts the free slots take
+                        t0 = time.perf_counter()
+                        ahead, seats = [], len(free)
+                        for i in queue:
+                            if seats <= 0:
+                                break
+                            if i not in ready:
+                                ahead.append(i)
+                            seats -= requests[i].n - next_sample[i]
+                        ready.update(zip(ahead, eng.prefill_many(
+                            self.params, [requests[i].prompt for i in ahead])))
+                        stats["prefill_tokens"] += sum(len(requests[i].prompt) for i in ahead)
+                        stats["prefill_s"] += time.perf_counter() - t0
+                    prefix = ready.pop(r)
                     prefix_req = r
-                    stats["prefill_tokens"] += true_len
-                    stats["prefill_s"] += time.perf_counter() - t0
                     keys = all_keys[r]
                 want = min(len(free), req.n - next_sample[r])
                 k = eng.admissible(prefix, [free[i] for i in range(want)], steps)
@@ -210,6 +222,7 @@ class RolloutDriver:
             for (r, j), fut in texts.items():
                 results[r][j].text = fut.result()
             pool.shutdown()
+        stats["prefill_computed_tokens"] = eng.prefill_computed_tokens - computed0
         stats.update(eng.kv_stats())
         stats["wall_s"] = time.perf_counter() - t_start
         stats["decode_tokens_per_s"] = stats["decode_tokens"] / max(stats["decode_s"], 1e-9)
