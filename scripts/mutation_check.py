@@ -99,6 +99,20 @@ MUTATIONS = (
         "dg = da * u * (sig * (1 + g * (1 - sig)))",
         "dg = da * u * sig",
         ("tests/test_swiglu.py",)),
+    Mutation(
+        "packed_prefill_own_page_offset",
+        "a packed prompt's own (last) page is copied from the row without the prompt's start offset",
+        "dapo_jax/sampler/paged_engine.py",
+        "src.append(meta.start + n_shared * self.page_size)",
+        "src.append(n_shared * self.page_size)",
+        ("tests/test_paged_engine.py",)),
+    Mutation(
+        "segment_local_attention_skips_a_needed_block",
+        "the packed prefill's attention starts each query block one key block too late",
+        "dapo_jax/models/attention.py",
+        "first_block = starts.reshape(b, n, block).min(axis=(0, 2)) // block  # [n]",
+        "first_block = starts.reshape(b, n, block).min(axis=(0, 2)) // block + 1  # [n]",
+        ("tests/test_attention.py",)),
 )
 
 

@@ -190,3 +190,25 @@ def test_splash_kernel_runs_per_shard_on_a_mesh_and_matches_dense():
     out = np.asarray(jax.jit(lambda: logits(splash, mesh))())
     real = np.asarray(mask, bool)
     np.testing.assert_allclose(out[real], ref[real], **TOL)
+
+
+@pytest.mark.parametrize("block", [16, 64, 512])
+def test_segment_local_attention_equals_dense_and_skips_other_samples(block):
+    """The packed prefill's attention: equal to the masked dense path (padding, a one-token sample,
+    several samples a row), and it never reads key blocks before its earliest sample's start:
+    those keys and values are NaN here and the outputs stay exact."""
+    b, t, h, kvh, hd = 2, 150, 4, 2, 8
+    q, k, v = _qkv(b, t, t, h, kvh, hd, seed=3)
+    seg = np.zeros((b, t), np.int32)
+    seg[0, :40], seg[0, 40:41], seg[0, 41:130] = 1, 2, 3  # then padding
+    seg[1, :] = 5
+    seg = jnp.asarray(seg)
+    want = attn.dot_product_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg,
+                                      implementation="dense")
+    got = attn.segment_local_attention(q, k, v, seg, block=block)
+    np.testing.assert_allclose(got, want, **TOL)
+    assert np.all(np.asarray(got)[0, 130:] == 0.0)  # padding rows
+    if block == 16:  # row 0's third sample starts at 41: its query blocks from 48 on start at 32
+        poisoned = [x[:1].at[0, :32].set(jnp.nan) for x in (k, v)]  # (rows share block ranges)
+        got = attn.segment_local_attention(q[:1], *poisoned, seg[:1], block=block)
+        np.testing.assert_allclose(np.asarray(got)[0, 48:], np.asarray(want)[0, 48:], **TOL)

@@ -216,8 +216,8 @@ def test_samples_of_a_prompt_share_its_full_pages(tiny):
 
 
 def test_packed_prefill_computes_the_prompts_not_their_buckets(tiny):
-    """Several prompts share one prefill row (segment ids, restarting positions): each prompt's
-    K/V equal its own dense prefill's, the row is padded only to its bucket, rows split at
+    """Several prompts share one prefill row (segment ids, restarting positions, attention only over
+    key blocks a query block's prompts reach): each prompt's K/V equal its own dense prefill's, the row is padded only to its bucket, rows split at
     `prefill_row_tokens`, and the prefixes decode exactly like single-prompt ones."""
     model, cfg = tiny
     eng = PagedEngine(cfg, kv_page_size=4, max_concurrent_decodes=4, max_prefill_length=16,
@@ -229,10 +229,10 @@ def test_packed_prefill_computes_the_prompts_not_their_buckets(tiny):
     before = eng.prefill_computed_tokens
     prefixes = eng.prefill_many(params, prompts)
     rows = {id(p["row"]) for p in prefixes}
-    # In order, up to 32 tokens a row: [5, 9, 3, 12] (29 -> bucket 32), [7, 16, 1] (24 -> 32).
+    # First-fit decreasing, up to 32 tokens a row: [16, 12, 3, 1] (32), [9, 7, 5] (21 -> bucket 32).
     assert len(rows) == 2 and eng.prefill_computed_tokens - before == 64
     assert sum(dense.bucket_for(len(p)) for p in prompts) == 16 * 7  # one bucket per prompt
-    assert [p["host"].start for p in prefixes] == [0, 5, 14, 17, 0, 7, 23]
+    assert [p["host"].start for p in prefixes] == [16, 0, 28, 16, 9, 0, 31]
     for prompt, prefix in zip(prompts, prefixes):
         want = dense.prefill_prefix(dparams, *dense.pad_tokens(prompt))
         n, start = len(prompt), prefix["host"].start

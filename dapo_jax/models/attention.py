@@ -338,6 +338,70 @@ def _pallas_gpu(q, k, v, seg, *, interpret: bool):
 
 
 # ----------------------------------------------------------------------------------------------
+# Packed prefill: forward-only self-attention that visits only the key blocks a query block's
+# segments reach.
+
+PACKED_PREFILL_BLOCK = 128
+
+
+def segment_local_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+                            block: int = PACKED_PREFILL_BLOCK) -> jax.Array:
+    """Causal self-attention within segments of packed rows, forward only, no [T, T] work.
+
+    q [B,T,H,hd], k/v [B,T,K,hd], segment_ids [B,T] (0 = padding; a segment is a run of equal
+    ids). Query block i attends only to key blocks from the one holding the start of its earliest
+    segment up to block i, so a row of many short samples costs about T x (sample length + block)
+    score entries instead of T x T (the blockwise and kernel implementations mask the other
+    blocks but still compute them). Equal to `dot_product_attention` with these segment ids.
+    """
+    b, t, h, hd = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    n = -(-t // block)
+    pad = n * block - t
+    seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)))
+    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+    idx = jnp.arange(n * block, dtype=jnp.int32)
+    # Where each token's segment starts: the last index at or before it where the id changed.
+    changed = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    starts = jax.lax.cummax(jnp.where(changed, idx[None], 0), axis=1)
+    first_block = starts.reshape(b, n, block).min(axis=(0, 2)) // block  # [n]
+    qb = q.reshape(b, n, block, kvh, g, hd).transpose(1, 0, 3, 4, 2, 5)  # [n, B, K, G, blk, hd]
+    kb = k.reshape(b, n, block, kvh, hd).transpose(1, 0, 3, 2, 4)  # [n, B, K, blk, hd]
+    vb = v.reshape(b, n, block, kvh, hd).transpose(1, 0, 3, 2, 4)
+    segb = seg.reshape(b, n, block).transpose(1, 0, 2)  # [n, B, blk]
+    idxb = idx.reshape(n, block)
+    scale = hd ** -0.5
+
+    def query_block(i):
+        qi, seg_q, idx_q = qb[i], segb[i], idxb[i]
+
+        def key_block(j, carry):
+            m, l, acc = carry
+            s = jnp.einsum("bkgqd,bksd->bkgqs", qi, kb[j],
+                           preferred_element_type=jnp.float32) * scale
+            mask = ((seg_q[:, :, None] == segb[j][:, None, :]) & (seg_q != 0)[:, :, None]
+                    & (idxb[j][None, None, :] <= idx_q[None, :, None]))[:, None, None]
+            s = jnp.where(mask, s, _MASK_VALUE)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+            corr = jnp.exp(m - m_new)
+            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vb.dtype), vb[j],
+                            preferred_element_type=jnp.float32)
+            return m_new, l * corr + p.sum(axis=-1), acc * corr[..., None] + pv
+
+        init = (jnp.full((b, kvh, g, block), _MASK_VALUE, jnp.float32),
+                jnp.zeros((b, kvh, g, block), jnp.float32),
+                jnp.zeros((b, kvh, g, block, hd), jnp.float32))
+        _, l, acc = jax.lax.fori_loop(first_block[i], i + 1, key_block, init)
+        return jnp.where((l == 0.0)[..., None], 0.0, acc / jnp.where(l == 0.0, 1.0, l)[..., None])
+
+    out = jax.lax.map(query_block, jnp.arange(n))  # [n, B, K, G, blk, hd]
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, n * block, h, hd)
+    return out[:, :t].astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # Paged decode attention (one query per row over a paged KV cache).
 #
 # The pool's layout, [N, P, K, 2, hd] per layer (stacked: [L, N, P, K, 2, hd]), keeps a KV head's key
@@ -462,4 +526,5 @@ def score_block_bytes(implementation: str, rows: int, heads: int, seq: int,
 
 __all__ = ["CHOICES", "IMPLEMENTATIONS", "resolve_attention", "dot_product_attention",
            "dense_attention", "attention_mask", "score_block_bytes", "paged_decode_attention",
-           "PAGED_BLOCK_TOKENS", "PAGED_IMPLEMENTATIONS", "resolve_paged_decode"]
+           "PAGED_BLOCK_TOKENS", "PAGED_IMPLEMENTATIONS", "resolve_paged_decode",
+           "segment_local_attention"]

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from dapo_jax.models.attention import (dense_attention, dot_product_attention,
                                        paged_decode_attention, resolve_attention,
-                                       resolve_paged_decode)
+                                       resolve_paged_decode, segment_local_attention)
 from dapo_jax.models.config import ModelConfig
 from dapo_jax.models.sharding import logical_to_spec, with_logical_constraint
 from dapo_jax.models.swiglu import swiglu_mlp
@@ -250,8 +250,10 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     (default `segment_ids_from_mask(attention_mask)`) packs several samples in one row: a token attends
     to earlier tokens of its own nonzero segment only (0 = padding); the caller passes positions that
     restart per sample. Attention runs with `cfg.attention` (`models.attention`): the blockwise and
-    kernel implementations never hold a [T, T] score matrix. With `return_kv` the second output is
-    every layer's keys and values, {"k", "v": [L,B,T,K,hd]} (the sampler's packed prefill).
+    kernel implementations never hold a [T, T] score matrix. With `return_kv` (the sampler's packed
+    prefill; forward only) the second output is every layer's keys and values, {"k", "v":
+    [L,B,T,K,hd]}, and XLA attention (dense, blockwise) becomes `segment_local_attention`, which
+    skips the key blocks outside each query block's samples.
     With `cache` ({"k","v": [L,B,K,S,hd], "lengths": [B]}): the T new tokens of each row are written at
     cache positions lengths[b] .. lengths[b]+T-1 and attend causally to everything before them; rows must
     be right-padded (padding after the real tokens), and `lengths` advances by the real-token count.
@@ -280,6 +282,9 @@ def decoder_apply(params: Params, cfg: ModelConfig, input_ids: jax.Array,
         segment_ids = segment_ids.astype(jnp.int32)
         attend = _attention_fn(cfg, mesh, rules, q_segment_ids=segment_ids,
                                kv_segment_ids=segment_ids)
+        if return_kv and resolve_attention(cfg.attention) in ("dense", "blockwise"):
+            # The packed prefill (forward only): skip the key blocks of other samples.
+            attend = lambda q, k, v: segment_local_attention(q, k, v, segment_ids)  # noqa: E731
 
         keep = (lambda k, v: (k, v, (k, v))) if return_kv else (lambda k, v: (k, v, None))
 

@@ -167,24 +167,28 @@ class PagedEngine(Engine):
 
     # -- prefill: prompts packed into rows, K/V kept in the pool's token-major layout ---------
     def prefill_many(self, params: Params, prompts: Sequence[Sequence[int]]) -> list[Prefix]:
-        """Prefixes of several prompts from as few prefill calls as fit: prompts are packed, in
-        order, into rows of up to `prefill_row_tokens` tokens (segment ids keep each prompt's
-        attention to itself, positions restart per prompt), and a row is padded only to its own
-        bucket, so the compute follows the prompts' real lengths. No host sync."""
-        out: list[Prefix] = []
-        rows: list[list[int]] = [[]]
-        used = 0
-        for i, p in enumerate(prompts):
-            n = len(p)
-            self.bucket_for(n)  # checks the prompt against max_prefill_length
-            if used + n > self.prefill_row_tokens and rows[-1]:
+        """Prefixes (in `prompts` order) of several prompts from as few prefill calls as fit: the
+        prompts are packed first-fit decreasing into rows of up to `prefill_row_tokens` tokens
+        (segment ids keep each prompt's attention to itself, positions restart per prompt), and a
+        row is padded only to its own bucket, so the compute follows the prompts' real lengths.
+        No host sync."""
+        for p in prompts:
+            self.bucket_for(len(p))  # checks each prompt against max_prefill_length
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
+            n = len(prompts[i])
+            r = next((r for r, left in enumerate(room) if left >= n), None)
+            if r is None:
                 rows.append([])
-                used = 0
-            rows[-1].append(i)
-            used += n
+                room.append(self.prefill_row_tokens)
+                r = len(rows) - 1
+            rows[r].append(i)
+            room[r] -= n
+        out: list[Prefix | None] = [None] * len(prompts)
         for members in rows:
-            if members:
-                out.extend(self._prefill_row(params, [prompts[i] for i in members]))
+            for i, prefix in zip(members, self._prefill_row(params, [prompts[i] for i in members])):
+                out[i] = prefix
         return out
 
     def _prefill_row(self, params: Params, prompts: Sequence[Sequence[int]]) -> list[Prefix]:
