@@ -427,9 +427,11 @@ def resolve_paged_decode(attention: str, head_dim: int, platform: str | None = N
     return "xla"
 
 
-def _layer_pages(kv_pages: jax.Array, layer: jax.Array | int | None, ids: jax.Array) -> jax.Array:
-    """Pages `ids` of one layer, read straight out of a stacked pool when `layer` is given."""
-    return kv_pages[ids] if layer is None else kv_pages[layer, ids]
+def _layer_pages(kv_pages: jax.Array, layer: jax.Array | int | None, ids: jax.Array,
+                 part: int) -> jax.Array:
+    """Keys (`part` 0) or values (1) of pages `ids` of one layer, [B, n, P, K, hd], gathered straight
+    out of a (stacked, when `layer` is given) pool: one gather each, no copy of the K/V pairs."""
+    return kv_pages[ids, :, :, part] if layer is None else kv_pages[layer, ids, :, :, part]
 
 
 def paged_decode_attention(q: jax.Array, kv_pages: jax.Array, page_table: jax.Array,
@@ -471,8 +473,8 @@ def paged_decode_attention(q: jax.Array, kv_pages: jax.Array, page_table: jax.Ar
     def body(j, carry):
         m, l, acc = carry  # [B,K,G], [B,K,G], [B,K,G,hd] float32
         ids = jax.lax.dynamic_slice_in_dim(table, j * per_block, per_block, axis=1)
-        kvb = _layer_pages(kv_pages, layer, jnp.clip(ids, 0, n_pages - 1))  # [B, n, P, K, 2, hd]
-        kb, vb = kvb[..., 0, :], kvb[..., 1, :]
+        ids = jnp.clip(ids, 0, n_pages - 1)
+        kb, vb = _layer_pages(kv_pages, layer, ids, 0), _layer_pages(kv_pages, layer, ids, 1)
         s = jnp.einsum("bkgd,bnpkd->bkgnp", qg, kb, preferred_element_type=jnp.float32)
         s = s.reshape(b, kvh, g, span) * (hd ** -0.5)
         mask = (j * span + jnp.arange(span, dtype=jnp.int32))[None] < kv_lengths[:, None]
