@@ -254,6 +254,10 @@ def test_packed_prefill_computes_the_prompts_not_their_buckets(tiny):
     assert got.stats["prefill_tokens"] == 53 == want.stats["prefill_tokens"]
     assert want.stats["prefill_computed_tokens"] == 16 * 7
     assert 53 <= got.stats["prefill_computed_tokens"] <= 64, got.stats  # vs 112 one by one
+    # With one free slot the driver still fills a whole row ahead: one call, one row shape.
+    one_slot = _driver(cfg, model, slots=1).generate(reqs)
+    _assert_same(one_slot, want)
+    assert one_slot.stats["prefill_computed_tokens"] == 64  # all 7 prompts in one 64-token row
 
 
 def test_the_decode_step_reads_only_the_pages_in_use(tiny):

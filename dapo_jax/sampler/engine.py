@@ -273,6 +273,10 @@ class Engine:
         return self._prefill[key](params, jnp.asarray(padded_tokens, jnp.int32),
                                   jnp.int32(true_length))
 
+    # Prompt tokens a driver may prefill ahead of free slots in one `prefill_many` call (0: only
+    # what the free slots take; the paged engine fills its packed rows).
+    prefill_batch_tokens = 0
+
     def prefill_many(self, params: Params, prompts: Sequence[Sequence[int]]) -> list[Prefix]:
         """Prefixes of several prompts (token lists): here one `prefill_prefix` each, padded to its
         bucket; the paged engine packs them into shared rows."""

@@ -96,6 +96,7 @@ class PagedEngine(Engine):
         self._pool_tokens = int(kv_pool_tokens)
         super().__init__(model_config, **kwargs)  # sizes the pool (_state_shardings)
         self.prefill_row_tokens = max(int(prefill_row_tokens), self.max_prefill_length)
+        self.prefill_batch_tokens = self.prefill_row_tokens
         self.row_buckets = prefill_buckets(self.prefill_row_tokens,
                                            kwargs.get("min_prefill_bucket", 16))
         self.pool: PagePool | None = None
@@ -219,23 +220,28 @@ class PagedEngine(Engine):
                               (cfg.num_layers, length, cfg.num_kv_heads, 2, cfg.head_dim),
                               self.rules)
 
+    @property
+    def _row_length(self) -> int:
+        """Positions of every prefix row: the largest row bucket plus a page, so every page-sized
+        slice of a prompt stays inside the row, and one insert program serves every row bucket."""
+        return self.row_buckets[-1] + self.page_size
+
     def _build_row_prefill(self, bucket: int):
         """jit(params, tokens, segment ids, positions [bucket]) -> the row's K/V
-        [L, bucket + page, K, 2, hd] (a page of padding at the end, so every page-sized slice of a
-        prompt stays inside the row)."""
+        [L, _row_length, K, 2, hd] (computed for `bucket` positions, zero after)."""
         cfg, mesh, rules, matmul = self.config, self.mesh, self.rules, self.decode_layout.matmul
-        dt, p = jnp_dtype(self.cache_dtype), self.page_size
+        dt, pad = jnp_dtype(self.cache_dtype), self._row_length - bucket
 
         def fn(params, tokens, segments, positions):
             _, kv = decoder_apply(params, cfg, tokens[None], (segments > 0)[None].astype(jnp.int32),
                                   positions[None], mesh=mesh, rules=rules, matmul=matmul,
                                   segment_ids=segments[None], return_kv=True)
             row = jnp.stack([kv["k"][:, 0], kv["v"][:, 0]], axis=-2).astype(dt)  # [L,T,K,2,hd]
-            return jnp.pad(row, ((0, 0), (0, p), (0, 0), (0, 0), (0, 0)))
+            return jnp.pad(row, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
 
         rep = self._replicated
         return jax.jit(fn, in_shardings=(self.param_shardings, rep, rep, rep),
-                       out_shardings=self._row_sharding(bucket + p))
+                       out_shardings=self._row_sharding(self._row_length))
 
     def prefill(self, params: Params, padded_tokens, true_length: int, *, key=None,
                 sampling: SamplingParams = SamplingParams()) -> tuple[Prefix, ResultTokens]:
@@ -245,14 +251,14 @@ class PagedEngine(Engine):
                                         sampling=sampling)
         bucket = int(prefix["k"].shape[3])
         if ("to_row", bucket) not in self._prefill:
-            p = self.page_size
+            pad = self._row_length - bucket
 
-            def to_row(k, v):  # [L, 1, K, bucket, hd] each -> [L, bucket + page, K, 2, hd]
+            def to_row(k, v):  # [L, 1, K, bucket, hd] each -> [L, _row_length, K, 2, hd]
                 row = jnp.transpose(jnp.stack([k[:, 0], v[:, 0]], axis=-2), (0, 2, 1, 3, 4))
-                return jnp.pad(row, ((0, 0), (0, p), (0, 0), (0, 0), (0, 0)))
+                return jnp.pad(row, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
 
             self._prefill[("to_row", bucket)] = jax.jit(
-                to_row, out_shardings=self._row_sharding(bucket + p))
+                to_row, out_shardings=self._row_sharding(self._row_length))
         row = self._prefill[("to_row", bucket)](prefix["k"], prefix["v"])
         last = int(np.asarray(padded_tokens)[int(true_length) - 1])
         return {"row": row, "host": PrefixPages(int(true_length), last)}, first
@@ -347,14 +353,14 @@ class PagedEngine(Engine):
         dest_arr[:len(dest)], src_arr[:len(src)] = dest, src
 
         row = prefix["row"]
-        sig = (int(row.shape[1]), writes, len(slot_arr))
+        sig = (writes, len(slot_arr))  # every row has _row_length positions
         if sig not in self._insert:
             self._insert[sig] = self._build_paged_insert(*sig)
         return self._insert[sig](row, decode_state, jnp.asarray(slot_arr), jnp.asarray(key_arr),
                                  jnp.int32(budget), jnp.asarray(dest_arr), jnp.asarray(src_arr),
                                  jnp.int32(meta.true_length), jnp.int32(meta.last_token))
 
-    def _build_paged_insert(self, row_length: int, writes: int, width: int):
+    def _build_paged_insert(self, writes: int, width: int):
         """jit(row, state, slots, keys, budget, dest pages, row offsets, prompt length, last token):
         copies `writes` page-sized slices of the prefill row into pool pages (cost follows the
         pages written) and starts the slots' samples."""
@@ -374,7 +380,7 @@ class PagedEngine(Engine):
             }
 
         return jax.jit(fn, donate_argnums=(1,),
-                       in_shardings=(self._row_sharding(row_length), self.state_shardings,
+                       in_shardings=(self._row_sharding(self._row_length), self.state_shardings,
                                      rep, rep, rep, rep, rep, rep, rep),
                        out_shardings=self.state_shardings)
 

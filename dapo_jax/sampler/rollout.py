@@ -149,14 +149,20 @@ class RolloutDriver:
                 r = queue[0]
                 req = requests[r]
                 if prefix_req != r:
-                    if r not in ready:  # prefill, in one call, the prompts the free slots take
+                    if r not in ready:
+                        # Prefill in one call the prompts the free slots take, and more while
+                        # the engine's packed row has room (full rows: few row shapes, few
+                        # compiles).
                         t0 = time.perf_counter()
-                        ahead, seats = [], len(free)
+                        ahead, seats, tokens = [], len(free), 0
                         for i in queue:
-                            if seats <= 0:
+                            n_tokens = len(requests[i].prompt)
+                            if seats <= 0 and (tokens + n_tokens > eng.prefill_batch_tokens
+                                               or i in ready):
                                 break
                             if i not in ready:
                                 ahead.append(i)
+                                tokens += n_tokens
                             seats -= requests[i].n - next_sample[i]
                         ready.update(zip(ahead, eng.prefill_many(
                             self.params, [requests[i].prompt for i in ahead])))
