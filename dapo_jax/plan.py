@@ -36,8 +36,8 @@ from dapo_jax.models import hf_checkpoint
 from dapo_jax.models.attention import score_block_bytes
 from dapo_jax.models.config import ModelConfig
 from dapo_jax.models.qwen2 import jnp_dtype, param_shapes
-from dapo_jax.models.sharding import MESH_AXES, make_mesh
-from dapo_jax.sampler import KVPoolPlan, build_engine, kv_pool_plan
+from dapo_jax.models.sharding import MESH_AXES, make_mesh, named_sharding
+from dapo_jax.sampler import KVPoolPlan, PagedEngine, build_engine, kv_pool_plan
 from dapo_jax.sampler.engine import Engine
 from dapo_jax.runtime.cli_errors import VERBOSE_HELP, UserError, absl_flags_parser, run_cli
 from dapo_jax.runtime.topology import GIB, Topology, custom_topology, parse_topology
@@ -85,6 +85,9 @@ class Analytic:
     sampler_params: int  # sampling layout (tensor-parallel, replicated over data/fsdp)
     decode_state: int  # KV cache + per-slot vectors
     kv_cache: int
+    # Prompt K/V the rollout driver holds between prefill and insert: two prefill rows (one being
+    # inserted, one filled ahead) for the paged cache, two max-length prefixes for the dense one.
+    prefill_prefixes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +120,7 @@ class Shapes:
     kv_pool_tokens: int = 0
     kv_page_size: int = 16
     samples_per_prompt: int = 1
+    prefill_row_tokens: int = 2048  # the paged engine's packed prefill rows
 
     @property
     def batch_shards(self) -> int:
@@ -157,8 +161,10 @@ class Measurement:
 
     @property
     def rollout_peak_bytes(self) -> int:
-        """Per-device bytes during decoding: the decode step plus the resident train state."""
-        return self.decode.total_bytes + self.analytic.params + self.analytic.opt_state
+        """Per-device bytes during decoding: the decode step, the prompt prefixes waiting to be
+        inserted, and the resident train state."""
+        return (self.decode.total_bytes + self.analytic.prefill_prefixes + self.analytic.params
+                + self.analytic.opt_state)
 
     @property
     def peak_bytes(self) -> int:
@@ -342,7 +348,22 @@ def analytic(cfg: ModelConfig, mesh: Mesh, shapes: Shapes, tx) -> Analytic:
         attention_scores=attention_score_bytes(cfg, rows, shapes.train_seq, tensor),
         sampler_params=tree_shard_bytes(sampler), decode_state=tree_shard_bytes(state),
         kv_cache=tree_shard_bytes({k: v for k, v in state["cache"].items()
-                                   if k in ("k", "v", "kv")}))  # dense K, V or the paged pool
+                                   if k in ("k", "v", "kv")}),  # dense K, V or the paged pool
+        prefill_prefixes=2 * _prefix_bytes(engine, cfg, shapes))
+
+
+def _prefix_bytes(engine: Engine, cfg: ModelConfig, shapes: Shapes) -> int:
+    """Per-device bytes of one prefix the driver holds: a packed row's K/V (paged) or one prompt's
+    dense K and V at the largest prefill bucket."""
+    dtype = jnp.dtype(shapes.cache_dtype)
+    if isinstance(engine, PagedEngine):
+        length = engine._row_length
+        return shard_bytes((cfg.num_layers, length, cfg.num_kv_heads, 2, cfg.head_dim), dtype,
+                           engine._row_sharding(length))
+    shape = (cfg.num_layers, 1, cfg.num_kv_heads, engine.buckets[-1], cfg.head_dim)
+    sharding = named_sharding(engine.mesh, ("layers", None, "act_kv_heads", None, "head_dim"),
+                              shape, engine.rules)
+    return 2 * shard_bytes(shape, dtype, sharding)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -387,7 +408,9 @@ def _engine(cfg: ModelConfig, mesh: Mesh, shapes: Shapes) -> Engine:
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else 0
     stop = eos if isinstance(eos, (list, tuple)) else [eos]
     return build_engine(cfg, kv_cache=shapes.kv_cache, kv_pool_tokens=shapes.kv_pool_tokens,
-                        kv_page_size=shapes.kv_page_size, max_concurrent_decodes=shapes.slots,
+                        kv_page_size=shapes.kv_page_size,
+                        prefill_row_tokens=shapes.prefill_row_tokens,
+                        max_concurrent_decodes=shapes.slots,
                         max_prefill_length=shapes.prompt_len, max_target_length=shapes.seq_len,
                         stop_token_ids=stop, mesh=mesh, cache_dtype=shapes.cache_dtype,
                         decode_layout=shapes.decode_layout)
@@ -542,7 +565,9 @@ def planned_shapes(config, cfg: ModelConfig, mesh: Mesh) -> Shapes:
     r = config.rollout
     return Shapes(**packed, kv_cache=str(r.get("kv_cache", "dense")),
                   kv_pool_tokens=int(r.get("kv_pool_tokens", 0)),
-                  kv_page_size=int(r.get("kv_page_size", 16)), samples_per_prompt=int(r.n),preset=config.model.preset or config.model.path, num_params=cfg.num_params,
+                  kv_page_size=int(r.get("kv_page_size", 16)), samples_per_prompt=int(r.n),
+                  prefill_row_tokens=int(r.get("prefill_row_tokens", 2048)),
+                  preset=config.model.preset or config.model.path, num_params=cfg.num_params,
                   param_dtype=cfg.param_dtype, dtype=cfg.dtype,
                   cache_dtype=config.rollout.cache_dtype or cfg.dtype, remat=cfg.remat,
                   mesh={a: int(mesh.shape[a]) for a in MESH_AXES}, micro_batch_size=micro,
@@ -811,6 +836,7 @@ def format_report(result: PlanResult) -> str:
         f"{'  decode temporaries (XLA:CPU)':<52}{g(m.decode.temp_bytes)}",
         f"{'    minus float32 copies of the KV cache (CPU only)':<52}"
         f"{g(-m.decode.cpu_only_bytes)}",
+        f"{'  prompt prefixes held for insert (2)':<52}{'':>9}{g(a.prefill_prefixes):>10}",
         f"{'  outputs not aliased to donated inputs':<52}"
         f"{g(m.decode.output_bytes - m.decode.alias_bytes)}",
         f"{'  total (with resident train state)':<52}{g(m.rollout_peak_bytes)}",

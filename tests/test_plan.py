@@ -115,7 +115,11 @@ def test_decode_holds_replicated_sampler_weights_and_sharded_kv_cache(result):
     assert m.decode.argument_bytes == m.analytic.sampler_params + m.analytic.decode_state
     # What is left out as XLA:CPU's float32 round trip of the bf16 cache is at most a float32 k and v.
     assert 0 <= m.decode.cpu_only_bytes <= 2 * m.analytic.kv_cache
-    assert m.rollout_peak_bytes == (m.decode.total_bytes + m.analytic.params + m.analytic.opt_state)
+    # Two packed prefill rows wait between prefill and insert: K/V of 2048 + 16 positions each,
+    # KV heads over tensor (1 here), replicated over data/fsdp, in the bf16 cache dtype.
+    assert m.analytic.prefill_prefixes == 2 * 24 * (2048 + 16) * 2 * 2 * 64 * 2
+    assert m.rollout_peak_bytes == (m.decode.total_bytes + m.analytic.prefill_prefixes
+                                    + m.analytic.params + m.analytic.opt_state)
 
 
 def test_sixteen_gib_fits_with_headroom_from_the_peak(result):
