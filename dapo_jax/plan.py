@@ -357,9 +357,9 @@ def _prefix_bytes(engine: Engine, cfg: ModelConfig, shapes: Shapes) -> int:
     dense K and V at the largest prefill bucket."""
     dtype = jnp.dtype(shapes.cache_dtype)
     if isinstance(engine, PagedEngine):
-        length = engine._row_length
+        length = engine.prefix_row_length
         return shard_bytes((cfg.num_layers, length, cfg.num_kv_heads, 2, cfg.head_dim), dtype,
-                           engine._row_sharding(length))
+                           engine.prefix_row_sharding(length))
     shape = (cfg.num_layers, 1, cfg.num_kv_heads, engine.buckets[-1], cfg.head_dim)
     sharding = named_sharding(engine.mesh, ("layers", None, "act_kv_heads", None, "head_dim"),
                               shape, engine.rules)

@@ -429,8 +429,8 @@ def resolve_paged_decode(attention: str, head_dim: int, platform: str | None = N
 
 def _layer_pages(kv_pages: jax.Array, layer: jax.Array | int | None, ids: jax.Array,
                  part: int) -> jax.Array:
-    """Keys (`part` 0) or values (1) of pages `ids` of one layer, [B, n, P, K, hd], gathered straight
-    out of a (stacked, when `layer` is given) pool: one gather each, no copy of the K/V pairs."""
+    """Keys (`part` 0) or values (1) of pages `ids` of one layer, [B, n, P, K, hd], gathered
+    straight out of a (stacked, when `layer` is given) pool: one gather each, no K/V-pair copy."""
     return kv_pages[ids, :, :, part] if layer is None else kv_pages[layer, ids, :, :, part]
 
 
@@ -440,9 +440,9 @@ def paged_decode_attention(q: jax.Array, kv_pages: jax.Array, page_table: jax.Ar
                            implementation: str = "xla", kernel=None) -> jax.Array:
     """GQA of one query per row over its first `kv_lengths[b]` keys, stored in pages.
 
-    q [B,1,H,hd]; kv_pages [N,P,K,2,hd] (one layer's pool; [..., 0, :] keys, [..., 1, :] values), or
-    [L,N,P,K,2,hd] with `layer` the layer to read (gathered from the stacked pool directly: slicing a
-    layer out first copies it); page_table [B, M] int32 (row b's page for positions j*P ..
+    q [B,1,H,hd]; kv_pages [N,P,K,2,hd] (one layer's pool; [..., 0, :] keys, [..., 1, :] values),
+    or [L,N,P,K,2,hd] with `layer` the layer to read (gathered from the stacked pool directly:
+    slicing a layer out first copies it); page_table [B, M] int32 (row b's page for positions j*P ..
     (j+1)*P-1; entries past the row's length may be anything); kv_lengths [B] (0 for a row that
     attends to nothing: it outputs zeros).
 

@@ -214,23 +214,25 @@ class PagedEngine(Engine):
         return [{"row": row, "host": PrefixPages(len(p), int(p[-1]), start)}
                 for p, start in zip(prompts, starts)]
 
-    def _row_sharding(self, length: int) -> NamedSharding:
+    def prefix_row_sharding(self, length: int) -> NamedSharding:
+        """Sharding of a prefix row [L, length, K, 2, hd]: KV heads like the pool's, the rest
+        replicated (every slot shard copies pages out of it)."""
         cfg = self.config
         return named_sharding(self.mesh, ("layers", None, "act_kv_heads", None, "head_dim"),
                               (cfg.num_layers, length, cfg.num_kv_heads, 2, cfg.head_dim),
                               self.rules)
 
     @property
-    def _row_length(self) -> int:
+    def prefix_row_length(self) -> int:
         """Positions of every prefix row: the largest row bucket plus a page, so every page-sized
         slice of a prompt stays inside the row, and one insert program serves every row bucket."""
         return self.row_buckets[-1] + self.page_size
 
     def _build_row_prefill(self, bucket: int):
         """jit(params, tokens, segment ids, positions [bucket]) -> the row's K/V
-        [L, _row_length, K, 2, hd] (computed for `bucket` positions, zero after)."""
+        [L, prefix_row_length, K, 2, hd] (computed for `bucket` positions, zero after)."""
         cfg, mesh, rules, matmul = self.config, self.mesh, self.rules, self.decode_layout.matmul
-        dt, pad = jnp_dtype(self.cache_dtype), self._row_length - bucket
+        dt, pad = jnp_dtype(self.cache_dtype), self.prefix_row_length - bucket
 
         def fn(params, tokens, segments, positions):
             _, kv = decoder_apply(params, cfg, tokens[None], (segments > 0)[None].astype(jnp.int32),
@@ -241,7 +243,7 @@ class PagedEngine(Engine):
 
         rep = self._replicated
         return jax.jit(fn, in_shardings=(self.param_shardings, rep, rep, rep),
-                       out_shardings=self._row_sharding(self._row_length))
+                       out_shardings=self.prefix_row_sharding(self.prefix_row_length))
 
     def prefill(self, params: Params, padded_tokens, true_length: int, *, key=None,
                 sampling: SamplingParams = SamplingParams()) -> tuple[Prefix, ResultTokens]:
@@ -251,14 +253,14 @@ class PagedEngine(Engine):
                                         sampling=sampling)
         bucket = int(prefix["k"].shape[3])
         if ("to_row", bucket) not in self._prefill:
-            pad = self._row_length - bucket
+            pad = self.prefix_row_length - bucket
 
-            def to_row(k, v):  # [L, 1, K, bucket, hd] each -> [L, _row_length, K, 2, hd]
+            def to_row(k, v):  # [L, 1, K, bucket, hd] each -> [L, prefix_row_length, K, 2, hd]
                 row = jnp.transpose(jnp.stack([k[:, 0], v[:, 0]], axis=-2), (0, 2, 1, 3, 4))
                 return jnp.pad(row, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
 
             self._prefill[("to_row", bucket)] = jax.jit(
-                to_row, out_shardings=self._row_sharding(self._row_length))
+                to_row, out_shardings=self.prefix_row_sharding(self.prefix_row_length))
         row = self._prefill[("to_row", bucket)](prefix["k"], prefix["v"])
         last = int(np.asarray(padded_tokens)[int(true_length) - 1])
         return {"row": row, "host": PrefixPages(int(true_length), last)}, first
@@ -353,7 +355,7 @@ class PagedEngine(Engine):
         dest_arr[:len(dest)], src_arr[:len(src)] = dest, src
 
         row = prefix["row"]
-        sig = (writes, len(slot_arr))  # every row has _row_length positions
+        sig = (writes, len(slot_arr))  # every row has prefix_row_length positions
         if sig not in self._insert:
             self._insert[sig] = self._build_paged_insert(*sig)
         return self._insert[sig](row, decode_state, jnp.asarray(slot_arr), jnp.asarray(key_arr),
@@ -380,8 +382,8 @@ class PagedEngine(Engine):
             }
 
         return jax.jit(fn, donate_argnums=(1,),
-                       in_shardings=(self._row_sharding(self._row_length), self.state_shardings,
-                                     rep, rep, rep, rep, rep, rep, rep),
+                       in_shardings=(self.prefix_row_sharding(self.prefix_row_length),
+                                     self.state_shardings, rep, rep, rep, rep, rep, rep, rep),
                        out_shardings=self.state_shardings)
 
     # -- page reservation, preemption, resumption ----------------------------------------------
