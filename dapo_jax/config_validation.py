@@ -164,6 +164,8 @@ def _check_training(c: ml_collections.ConfigDict, num_devices: int | None, p: li
            f"({-(-full // 16) * 16}), or 0 for micro_batch_size full-length rows per device", p)
     _check(t.get("packing_row_buckets", 3) >= 1, "trainer.packing_row_buckets",
            "must be >= 1 (row lengths max, max/2, ...: one compiled update program each)", p)
+    _check(t.get("packing_trim_steps", 8) >= 1, "trainer.packing_trim_steps",
+           "must be >= 1 (rows are cut to multiples of bucket / packing_trim_steps; 1 = never)", p)
     _check(0 <= a.clip_ratio_low < 1, "algo.clip_ratio_low", "must be in [0, 1)", p)
     _check(a.clip_ratio_high >= 0, "algo.clip_ratio_high", "must be >= 0", p)
     _check(a.clip_ratio_c == 0 or a.clip_ratio_c > 1, "algo.clip_ratio_c",

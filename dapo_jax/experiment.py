@@ -179,7 +179,8 @@ def packing_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> PackingLayo
     full = int(config.data.max_prompt_length) + int(config.data.max_response_length)
     return make_packing_layout(full, token_budget(config, mesh), data_parallel_size(mesh),
                                int(config.trainer.get("packing_row_buckets", 3)),
-                               multiple=PACKED_ROW_MULTIPLE)
+                               multiple=PACKED_ROW_MULTIPLE,
+                               trim_steps=int(config.trainer.get("packing_trim_steps", 8)))
 
 
 def sampling_params(section: ml_collections.ConfigDict) -> SamplingParams:

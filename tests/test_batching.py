@@ -25,14 +25,15 @@ def test_layout_buckets_halve_and_keep_the_budget():
         batching.packing_layout(2000, 1000, num_ranks=1)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_every_trained_sample_is_packed_once_and_ranks_are_balanced(seed):
+@pytest.mark.parametrize("seed,trim_steps", [(s, 1 + 7 * (s % 2)) for s in range(6)])
+def test_every_trained_sample_is_packed_once_and_ranks_are_balanced(seed, trim_steps):
     rng = np.random.default_rng(seed)
     n, max_prompt, max_response, ranks = 64, 12, 40, 4
     prompts, responses, logprobs = _samples(rng, n, max_prompt, max_response)
     advantages = rng.normal(size=n).astype(np.float32)
     in_loss = (rng.random(n) > 0.2).astype(np.int8)
-    layout = batching.packing_layout(max_prompt + max_response, 2 * 64, ranks, num_buckets=3)
+    layout = batching.packing_layout(max_prompt + max_response, 2 * 64, ranks, num_buckets=3,
+                                     trim_steps=trim_steps)
     pm = batching.pack_minibatch(prompts, responses, logprobs, advantages, in_loss, layout,
                                  pad_id=0)
     f = pm.fields
@@ -89,6 +90,41 @@ def test_row_counts_are_powers_of_two_up_to_the_budget():
     assert len(layout.shapes()) == 3 + 4 + 5
 
 
+def test_rows_are_cut_when_that_computes_fewer_token_slots():
+    # Max 88 tokens (rows of 96), samples of 40-63 tokens: one per row, as in the toy's updates.
+    rng = np.random.default_rng(1)
+    n = 32
+    prompts = [rng.integers(3, 100, size=int(rng.integers(30, 46))) for _ in range(n)]
+    responses = [rng.integers(3, 100, size=int(rng.integers(10, 18))) for _ in range(n)]
+    logprobs = -rng.random((n, 40)).astype(np.float32)
+    adv = rng.normal(size=n).astype(np.float32)
+    whole = batching.packing_layout(88, 64 * 96, num_ranks=2, trim_steps=1)
+    cut = batching.packing_layout(88, 64 * 96, num_ranks=2, trim_steps=8)
+    a = batching.pack_minibatch(prompts, responses, logprobs, adv, np.ones(n), whole, pad_id=0)
+    b = batching.pack_minibatch(prompts, responses, logprobs, adv, np.ones(n), cut, pad_id=0)
+    longest = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    assert a.row_length == 96 and longest <= 63
+    assert cut.trim_quantum(96) == 16 and b.row_length == -(-longest // 16) * 16
+    assert (b.fields["input_ids"].shape[1], b.row_length) in cut.shapes()
+
+    def slots(pm):
+        return pm.fields["input_ids"].size
+
+    # Fewer token slots for the same samples: every one packed once, same counts.
+    assert slots(b) < slots(a) and b.fill > a.fill
+    assert (b.token_count, b.seq_count) == (a.token_count, a.seq_count)
+    assert sorted(b.fields["input_ids"][b.fields["segment_ids"] > 0].tolist()) == sorted(
+        a.fields["input_ids"][a.fields["segment_ids"] > 0].tolist())
+    assert b.fields["response_mask"].sum() == a.fields["response_mask"].sum()
+    # Bounded programs: at most trim_steps lengths per bucket, each a multiple of 16.
+    for length, _ in cut.buckets:
+        lengths = cut.trimmed_lengths(length)
+        assert len(lengths) <= 8 and lengths[-1] == length
+        assert all(x % 16 == 0 for x in lengths)
+    with pytest.raises(ValueError, match="packing_trim_steps"):
+        batching.packing_layout(88, 64 * 96, num_ranks=2, trim_steps=0)
+
+
 def test_a_short_mini_batch_computes_its_rows_not_the_whole_budget():
     rng = np.random.default_rng(0)
     layout = batching.packing_layout(64, 64 * 16, num_ranks=2)  # 16 full rows per rank
@@ -111,3 +147,18 @@ def test_nothing_to_train_gives_one_empty_micro_batch():
                                  pad_id=0)
     assert pm.num_micro == 1 and pm.token_count == 0 and pm.seq_count == 0
     assert not pm.fields["response_mask"].any()
+
+
+def test_cutting_rows_never_computes_more_than_the_bucket():
+    rng = np.random.default_rng(2)
+    for trial in range(30):
+        n = int(rng.integers(1, 80))
+        prompts, responses, logprobs = _samples(rng, n, 30, int(rng.integers(1, 60)))
+        keep = np.ones(n)
+        args = (prompts, responses, logprobs, np.ones(n), keep)
+        whole = batching.pack_minibatch(*args, batching.packing_layout(90, 8 * 96, 2),
+                                        pad_id=0)
+        cut = batching.pack_minibatch(*args, batching.packing_layout(90, 8 * 96, 2, trim_steps=6),
+                                      pad_id=0)
+        assert cut.fields["input_ids"].size <= whole.fields["input_ids"].size
+        assert cut.token_count == whole.token_count

@@ -36,11 +36,11 @@ def test_training_steps_rollouts_and_evaluations_after_warmup_compile_nothing(tm
     # Dynamic sampling off: one generation batch per step, so every step runs the same programs.
     # 2 prompts x 4 samples (train) and 4 problems x 2 samples (eval) fit the 16 decode slots at
     # once, so every insert has the same width; the toy prompts all fall in one prefill bucket.
-    # One packed row length, so every step's update uses the same programs whatever the sampled
-    # lengths (the per-bucket bound is the next test's).
+    # One packed row length, never cut, so every step's update uses the same programs whatever the
+    # sampled lengths (the bound over buckets and cuts is the next test's).
     c = small_config(**{"data.val": ["toy"], "eval.n": 2, "eval.max_problems": 4,
                         "algo.dynamic_sampling.enable": False, "trainer.gen_batch_size": 2,
-                        "trainer.packing_row_buckets": 1})
+                        "trainer.packing_row_buckets": 1, "trainer.packing_trim_steps": 1})
     tr = Trainer(c, str(tmp_path), progress=False, reward_fn=text_hash_scores)
     with count_compiles() as warmup:
         tr.train_step()  # rollout, old log-probs, updates, driver.update_params
@@ -101,7 +101,10 @@ def test_packed_updates_build_one_program_per_micro_batch_shape(tmp_path, monkey
         for p, r in sizes:
             tr._update_packed(batch(p, r), _Timer())
     assert warmup.compiles, str(warmup)
-    assert {length for _, length in shapes} == {length for length, _ in tr.layout.buckets}
+    # Short and long mini-batches: rows of several lengths, each a bucket's or one of its cuts.
+    cuts = {cut for length, _ in tr.layout.buckets for cut in tr.layout.trimmed_lengths(length)}
+    assert len({length for _, length in shapes}) >= 3
+    assert {length for _, length in shapes} <= cuts
     assert set(shapes) <= tr.layout.shapes()
     seen = set(shapes)
     # New random lengths of the same sizes: packed into shapes already compiled, or counted.

@@ -84,6 +84,32 @@ def test_paged_attention_equals_dense_attention_over_the_same_keys():
     assert np.all(np.asarray(got[1]) == 0.0) and np.isfinite(np.asarray(got)).all()
 
 
+@pytest.mark.parametrize("lengths", [[3, 1, 2], [5, 8, 0], [9, 2, 12], [17, 20, 1]])
+def test_paged_attention_reads_only_the_block_that_holds_the_longest_row(lengths):
+    # Pages of 4 tokens, 5 table columns: blocks of 1, 2, 4 or 5 pages. The pages of the columns
+    # past the chosen block are NaN: reading them would poison every row.
+    rng = np.random.default_rng(2)
+    b, h, kvh, hd, page, width = 3, 4, 2, 8, 4, 5
+    n_pages = b * width
+    table = np.arange(n_pages, dtype=np.int32).reshape(b, width)
+    k_pages = rng.normal(size=(n_pages, kvh, page, hd))
+    v_pages = rng.normal(size=(n_pages, kvh, page, hd))
+    needed = -(-max(lengths) // page)
+    block = min(1 << (needed - 1).bit_length(), width)
+    unread = table[:, block:].reshape(-1)
+    lengths = np.asarray(lengths, np.int32)
+    q = jnp.asarray(rng.normal(size=(b, 1, h, hd)), jnp.float32)
+    k = np.transpose(k_pages[table], (0, 1, 3, 2, 4)).reshape(b, width * page, kvh, hd)
+    v = np.transpose(v_pages[table], (0, 1, 3, 2, 4)).reshape(b, width * page, kvh, hd)
+    mask = (jnp.arange(width * page)[None] < lengths[:, None])[:, None, :]
+    want = dense_attention(q, jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32), mask)
+    k_pages[unread] = np.nan
+    v_pages[unread] = np.nan
+    pool = _pool_layout(jnp.asarray(k_pages, jnp.float32), jnp.asarray(v_pages, jnp.float32))
+    got = paged_decode_attention(q, pool, jnp.asarray(table), jnp.asarray(lengths))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def _kernel_inputs(head_dim=128):
     """A two-layer pool in the kernel's lane width, a table with unallocated entries, and a free
     slot (length 0) among the rows."""

@@ -446,8 +446,9 @@ def paged_decode_attention(q: jax.Array, kv_pages: jax.Array, page_table: jax.Ar
     (j+1)*P-1; entries past the row's length may be anything); kv_lengths [B] (0 for a row that
     attends to nothing: it outputs zeros).
 
-    "xla": a loop over blocks of `block_tokens // P` pages with an online softmax stops after the
-    longest row's last block, so a step's cost follows the lengths in use, not the table's width.
+    "xla": a loop over blocks of pages with an online softmax stops after the longest row's last
+    block, so a step's cost follows the lengths in use, not the table's width; the block is the
+    smallest power-of-two number of pages that holds the longest row, at most `block_tokens` keys.
     "ragged_tpu": jax's TPU ragged paged attention kernel (`kernel` replaces it, e.g. by its jnp
     reference in tests), which reads each row's pages up to its own length.
     """
@@ -462,36 +463,47 @@ def paged_decode_attention(q: jax.Array, kv_pages: jax.Array, page_table: jax.Ar
     n_pages, page, kvh = kv_pages.shape[-5:-2]
     g = h // kvh
     max_pages = page_table.shape[1]
-    per_block = max(1, min(block_tokens // page, max_pages))
-    n_static = -(-max_pages // per_block)
-    table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, n_static * per_block - max_pages)))
     kv_lengths = kv_lengths.astype(jnp.int32)
     qg = q.reshape(b, kvh, g, hd)
-    span = per_block * page
-    n_blocks = (jnp.max(kv_lengths) + span - 1) // span  # dynamic: a while loop, not a scan
+    longest = jnp.max(kv_lengths)
 
-    def body(j, carry):
-        m, l, acc = carry  # [B,K,G], [B,K,G], [B,K,G,hd] float32
-        ids = jax.lax.dynamic_slice_in_dim(table, j * per_block, per_block, axis=1)
-        ids = jnp.clip(ids, 0, n_pages - 1)
-        kb, vb = _layer_pages(kv_pages, layer, ids, 0), _layer_pages(kv_pages, layer, ids, 1)
-        s = jnp.einsum("bkgd,bnpkd->bkgnp", qg, kb, preferred_element_type=jnp.float32)
-        s = s.reshape(b, kvh, g, span) * (hd ** -0.5)
-        mask = (j * span + jnp.arange(span, dtype=jnp.int32))[None] < kv_lengths[:, None]
-        mask = mask[:, None, None]
-        s = jnp.where(mask, s, _MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-        corr = jnp.exp(m - m_new)
-        l = l * corr + p.sum(axis=-1)
-        pv = jnp.einsum("bkgnp,bnpkd->bkgd",
-                        p.reshape(b, kvh, g, per_block, page).astype(kv_pages.dtype), vb,
-                        preferred_element_type=jnp.float32)
-        return m_new, l, acc * corr[..., None] + pv
+    def loop(per_block: int) -> tuple[jax.Array, jax.Array]:
+        n_static = -(-max_pages // per_block)
+        table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, n_static * per_block - max_pages)))
+        span = per_block * page
+        n_blocks = (longest + span - 1) // span  # dynamic: a while loop, not a scan
 
-    init = (jnp.full((b, kvh, g), _MASK_VALUE, jnp.float32), jnp.zeros((b, kvh, g), jnp.float32),
-            jnp.zeros((b, kvh, g, hd), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+        def body(j, carry):
+            m, l, acc = carry  # [B,K,G], [B,K,G], [B,K,G,hd] float32
+            ids = jax.lax.dynamic_slice_in_dim(table, j * per_block, per_block, axis=1)
+            ids = jnp.clip(ids, 0, n_pages - 1)
+            kb, vb = _layer_pages(kv_pages, layer, ids, 0), _layer_pages(kv_pages, layer, ids, 1)
+            s = jnp.einsum("bkgd,bnpkd->bkgnp", qg, kb, preferred_element_type=jnp.float32)
+            s = s.reshape(b, kvh, g, span) * (hd ** -0.5)
+            mask = (j * span + jnp.arange(span, dtype=jnp.int32))[None] < kv_lengths[:, None]
+            mask = mask[:, None, None]
+            s = jnp.where(mask, s, _MASK_VALUE)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+            corr = jnp.exp(m - m_new)
+            l = l * corr + p.sum(axis=-1)
+            pv = jnp.einsum("bkgnp,bnpkd->bkgd",
+                            p.reshape(b, kvh, g, per_block, page).astype(kv_pages.dtype), vb,
+                            preferred_element_type=jnp.float32)
+            return m_new, l, acc * corr[..., None] + pv
+
+        init = (jnp.full((b, kvh, g), _MASK_VALUE, jnp.float32),
+                jnp.zeros((b, kvh, g), jnp.float32), jnp.zeros((b, kvh, g, hd), jnp.float32))
+        _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+        return l, acc
+
+    # Blocks of 1, 2, 4, ... pages up to block_tokens: the smallest block that holds the longest
+    # row, or the largest one, looped. Short rows (early decode steps, short prompts) then read
+    # their pages, not a whole block_tokens-key block each.
+    largest = max(1, min(block_tokens // page, max_pages))
+    sizes = sorted({min(1 << i, largest) for i in range(largest.bit_length() + 1)})
+    branch = jnp.sum(jnp.asarray([n * page for n in sizes[:-1]], jnp.int32) < longest)
+    l, acc = jax.lax.switch(branch, [functools.partial(loop, n) for n in sizes])
     out = jnp.where((l == 0.0)[..., None], 0.0, acc / jnp.where(l == 0.0, 1.0, l)[..., None])
     return out.reshape(b, 1, h, hd).astype(q.dtype)
 

@@ -74,6 +74,20 @@ class PackingLayout:
     budget: int  # tokens per data-parallel rank per micro-batch
     num_ranks: int  # data-parallel ranks (mesh data x fsdp)
     buckets: tuple[tuple[int, int], ...]  # (row_length, rows_per_rank), shortest rows first
+    # A micro-batch's rows may be cut to a multiple of bucket / trim_steps (and of `multiple`)
+    # when that computes fewer token slots: at most trim_steps lengths per bucket (1 = never cut).
+    trim_steps: int = 1
+    multiple: int = 16
+
+    def trim_quantum(self, row_length: int) -> int:
+        """Rows of bucket `row_length` are cut to multiples of this many tokens."""
+        q = -(-row_length // max(1, self.trim_steps))
+        return min(row_length, -(-q // self.multiple) * self.multiple)
+
+    def trimmed_lengths(self, row_length: int) -> tuple[int, ...]:
+        """Every length the rows of bucket `row_length` may be cut to (the bucket's own included)."""
+        q = self.trim_quantum(row_length)
+        return tuple(sorted({min(row_length, k * q) for k in range(1, -(-row_length // q) + 1)}))
 
     def row_counts(self, row_length: int) -> tuple[int, ...]:
         """Rows per rank a micro-batch of `row_length` rows may have: powers of two up to the
@@ -84,8 +98,8 @@ class PackingLayout:
 
     def shapes(self) -> set[tuple[int, int]]:
         """Every (rows, row_length) a micro-batch can have: one compiled program each."""
-        return {(self.num_ranks * rows, length) for length, _ in self.buckets
-                for rows in self.row_counts(length)}
+        return {(self.num_ranks * rows, cut) for length, _ in self.buckets
+                for rows in self.row_counts(length) for cut in self.trimmed_lengths(length)}
 
     def bucket_for(self, longest: int) -> tuple[int, int]:
         """The shortest bucket whose rows hold a sample of `longest` tokens."""
@@ -97,9 +111,10 @@ class PackingLayout:
 
 
 def packing_layout(max_sample_length: int, budget: int, num_ranks: int, num_buckets: int = 3,
-                   multiple: int = 16) -> PackingLayout:
+                   multiple: int = 16, trim_steps: int = 1) -> PackingLayout:
     """Buckets of row length max_sample_length / 2^b (rounded up to `multiple`), b < num_buckets,
-    each with as many rows per rank as fit `budget` tokens.
+    each with as many rows per rank as fit `budget` tokens; rows may be cut in `trim_steps` steps
+    (`PackingLayout.trimmed_lengths`).
 
     Raises ValueError (naming trainer.max_tokens_per_micro_batch) when the budget cannot hold one
     row of the longest possible sample.
@@ -114,8 +129,11 @@ def packing_layout(max_sample_length: int, budget: int, num_ranks: int, num_buck
         return max(multiple, -(-n // multiple) * multiple)
 
     lengths = sorted({rounded(-(-max_sample_length // 2 ** b)) for b in range(max(1, num_buckets))})
+    if trim_steps < 1:
+        raise ValueError(f"trainer.packing_trim_steps must be >= 1, got {trim_steps}")
     return PackingLayout(budget=int(budget), num_ranks=int(num_ranks),
-                         buckets=tuple((n, budget // n) for n in lengths))
+                         buckets=tuple((n, budget // n) for n in lengths),
+                         trim_steps=int(trim_steps), multiple=int(multiple))
 
 
 def _balance(row_tokens: np.ndarray, num_bins: int, capacity: int) -> np.ndarray:
@@ -163,13 +181,24 @@ def pack_minibatch(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray
     row_length, most_rows = layout.bucket_for(int(sample_lengths.max()) if keep else 1)
     rows_per_rank = 1
     if keep:
-        plan = packing.pack(sample_lengths, row_length)
+        # Rows of the bucket's length, or cut shorter (`PackingLayout.trimmed_lengths`): whichever
+        # computes the fewest token slots. Short samples then pay for their own length, not the
+        # bucket's; ties keep the shorter rows (less attention per token).
+        best = None
+        for cut in layout.trimmed_lengths(row_length):
+            if cut < sample_lengths.max():
+                continue
+            trial = packing.pack(sample_lengths, cut)
+            micro = -(-trial.num_rows // (layout.num_ranks * most_rows))
+            # As many micro-batches as the budget needs, each with the fewest rows (of the
+            # allowed counts) that hold an even share: a short mini-batch computes its tokens.
+            need = -(-trial.num_rows // (layout.num_ranks * micro))
+            rows = min(c for c in layout.row_counts(row_length) if c >= need)
+            if best is None or micro * rows * cut < best[0]:
+                best = (micro * rows * cut, cut, trial, micro, rows)
+        _, cut, plan, num_micro, rows_per_rank = best
+        row_length = cut
         row_tokens = np.bincount(plan.row, weights=sample_lengths, minlength=plan.num_rows)
-        num_micro = -(-plan.num_rows // (layout.num_ranks * most_rows))
-        # As many micro-batches as the budget needs, each with the fewest rows (of the allowed
-        # counts) that hold an even share: a short mini-batch computes its tokens, not the budget.
-        need = -(-plan.num_rows // (layout.num_ranks * num_micro))
-        rows_per_rank = min(c for c in layout.row_counts(row_length) if c >= need)
     slots = layout.num_ranks * rows_per_rank
     if keep:
         bins = _balance(row_tokens, num_micro * layout.num_ranks, rows_per_rank)
