@@ -113,6 +113,20 @@ MUTATIONS = (
         "first_block = starts.reshape(b, n, block).min(axis=(0, 2)) // block  # [n]",
         "first_block = starts.reshape(b, n, block).min(axis=(0, 2)) // block + 1  # [n]",
         ("tests/test_attention.py",)),
+    Mutation(
+        "paged_decode_whole_blocks",
+        "paged decode always reads blocks of block_tokens keys, whatever the samples' lengths",
+        "dapo_jax/models/attention.py",
+        "sizes = sorted({min(1 << i, largest) for i in range(largest.bit_length() + 1)})",
+        "sizes = [largest]",
+        ("tests/test_paged_engine.py",)),
+    Mutation(
+        "packed_rows_never_cut",
+        "packed micro-batches keep their bucket's row length however short the samples",
+        "dapo_jax/training/batching.py",
+        "for cut in layout.trimmed_lengths(row_length):",
+        "for cut in layout.trimmed_lengths(row_length)[-1:]:",
+        ("tests/test_batching.py",)),
 )
 
 
