@@ -177,6 +177,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.trainer.val_before_train = True
     c.trainer.peak_flops_per_device = 0.0  # for MFU; 0 = look up by device kind
     c.trainer.export_hf_on_finish = False
+    # Persistent XLA compilation cache (dapo_jax/runtime/compile_cache.py): a restart after a
+    # preemption loads its compiled programs. "auto" = <workdir>/xla_cache unless JAX already has
+    # one (JAX_COMPILATION_CACHE_DIR); a path (local or gs://); "" = none from dapo_jax.
+    c.trainer.compilation_cache_dir = "auto"
 
     # Supervised warm start from worked solutions (toy demo only: the policy starts from random weights).
     c.warm_start = ml_collections.ConfigDict()

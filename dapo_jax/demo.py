@@ -98,6 +98,9 @@ def main(argv=None) -> int:
     validate_config(config, jax.device_count())  # fail fast, before any file is written
     prepare_workdir(args.workdir)
     tee_console(args.workdir)
+    from dapo_jax.runtime import compile_cache
+    compile_cache.enable(config.trainer.get("compilation_cache_dir", compile_cache.AUTO),
+                         args.workdir)
     t0 = time.time()
     print(f"DAPO demo: {args.config} -> {args.workdir} (JAX on {os.environ['JAX_PLATFORMS']})",
           flush=True)

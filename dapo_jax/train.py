@@ -56,6 +56,10 @@ def main(argv) -> None:
     if is_main:  # <workdir>/run/console.log (the rest of <workdir>/run/ is written by the Trainer)
         from dapo_jax.training.run_record import tee_console
         tee_console(FLAGS.workdir)
+    from dapo_jax.runtime import compile_cache
+    compile_cache.enable(FLAGS.config.trainer.get("compilation_cache_dir", compile_cache.AUTO),
+                         FLAGS.workdir)
+    cache_use = compile_cache.counter()
     # One progress bar per job, not per host (process 0 also prints the step lines).
     trainer = Trainer(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress if is_main else False)
     try:
@@ -65,6 +69,9 @@ def main(argv) -> None:
             print(str(e), flush=True)
         trainer.close()
         sys.exit(PREEMPTED_EXIT_CODE)
+    finally:
+        if is_main and jax.config.jax_compilation_cache_dir:
+            print(compile_cache.summary(cache_use()), flush=True)
     trainer.close()
 
 
