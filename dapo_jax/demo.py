@@ -101,12 +101,15 @@ def main(argv=None) -> int:
     from dapo_jax.runtime import compile_cache
     compile_cache.enable(config.trainer.get("compilation_cache_dir", compile_cache.AUTO),
                          args.workdir)
+    cache_use = compile_cache.counter()
     t0 = time.time()
     print(f"DAPO demo: {args.config} -> {args.workdir} (JAX on {os.environ['JAX_PLATFORMS']})",
           flush=True)
     trainer = Trainer(config, args.workdir)
     trainer.train()
     trainer.close()
+    if jax.config.jax_compilation_cache_dir:
+        print(compile_cache.summary(cache_use()), flush=True)
     metrics = read_metrics(args.workdir)
     png = os.path.join(args.workdir, "curves.png")
     plot_curves(metrics, png,
