@@ -193,32 +193,37 @@ def run_packed(args, mesh, samples, loss: LossSettings, tx) -> dict[str, Any]:
     zero = build_zero_fn(mesh, shardings)
     apply = build_apply_fn(tx, mesh, shardings, opt_sh)
     rep = NamedSharding(mesh, PartitionSpec())
-    micro = [_place(mesh, {k: v[m] for k, v in pm.fields.items()}, leading=0)
-             for m in range(pm.num_micro)]
+    micro = [_place(mesh, pm.micro(m), leading=0) for m in range(pm.num_micro)]
     lp_fields = ("input_ids", "segment_ids", "positions", "response_mask", "rollout_logprobs")
+    grad_fields = ("input_ids", "segment_ids", "positions", "response_mask", "advantages")
     token_count = jax.device_put(jnp.float32(pm.token_count), rep)
     seq_count = jax.device_put(jnp.float32(pm.seq_count), rep)
     lr = jax.device_put(jnp.float32(1e-6), rep)
+    # One program per micro-batch shape (the last micro-batch may have fewer rows).
     t0 = time.perf_counter()
-    lp_c = logprob.lower(params, {k: micro[0][k] for k in lp_fields}).compile()
+    lp_c, grad_c = {}, {}
     grads, sums = zero(params)
-    first = {k: micro[0][k] for k in ("input_ids", "segment_ids", "positions", "response_mask",
-                                      "advantages")}
-    first["old_logprobs"] = micro[0]["rollout_logprobs"]
-    grad_c = grad.lower(params, grads, sums, first, token_count, seq_count).compile()
+    for m in micro:
+        shape = m["input_ids"].shape
+        if shape not in lp_c:
+            lp_c[shape] = logprob.lower(params, {k: m[k] for k in lp_fields}).compile()
+            inputs = {k: m[k] for k in grad_fields}
+            inputs["old_logprobs"] = m["rollout_logprobs"]
+            grad_c[shape] = grad.lower(params, grads, sums, inputs, token_count,
+                                       seq_count).compile()
     apply_c = apply.lower(params, opt_state, grads, lr).compile()
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    old = [lp_c(params, {k: m[k] for k in lp_fields})[0] for m in micro]
+    old = [lp_c[m["input_ids"].shape](params, {k: m[k] for k in lp_fields})[0] for m in micro]
     jax.block_until_ready(old)
     t_old = time.perf_counter() - t0
     t0 = time.perf_counter()
     grads, sums = zero(params)
     for m, o in zip(micro, old):
-        inputs = {k: m[k] for k in ("input_ids", "segment_ids", "positions", "response_mask",
-                                    "advantages")}
+        inputs = {k: m[k] for k in grad_fields}
         inputs["old_logprobs"] = o
-        grads, sums = grad_c(params, grads, sums, inputs, token_count, seq_count)
+        grads, sums = grad_c[m["input_ids"].shape](params, grads, sums, inputs, token_count,
+                                                   seq_count)
     params, opt_state, _ = apply_c(params, opt_state, grads, lr)
     jax.block_until_ready(params)
     t_update = time.perf_counter() - t0
@@ -227,8 +232,8 @@ def run_packed(args, mesh, samples, loss: LossSettings, tx) -> dict[str, Any]:
         raise FloatingPointError("packed update produced a non-finite loss")
     assert set(sums) == set(METRIC_SUMS)
     return {"compile_s": compile_s, "old_logprob_s": t_old, "update_s": t_update,
-            "computed_tokens": int(pm.num_micro * pm.fields["input_ids"].shape[1] * pm.row_length),
-            "peak_bytes": max(_memory(lp_c), _memory(grad_c), _memory(apply_c)),
+            "computed_tokens": int(pm.fields["input_ids"].size),
+            "peak_bytes": max([_memory(c) for c in (*lp_c.values(), *grad_c.values(), apply_c)]),
             "loss": loss_value, "micro_batches": pm.num_micro, "row_length": pm.row_length,
             "fill": pm.fill}
 

@@ -37,8 +37,9 @@ def test_every_trained_sample_is_packed_once_and_ranks_are_balanced(seed, trim_s
     pm = batching.pack_minibatch(prompts, responses, logprobs, advantages, in_loss, layout,
                                  pad_id=0)
     f = pm.fields
-    assert (f["input_ids"].shape[1], pm.row_length) in layout.shapes()
-    assert f["input_ids"].shape[0] == pm.num_micro
+    assert all((rows, pm.row_length) in layout.shapes() for rows in pm.micro_rows)
+    assert f["input_ids"].shape == (sum(pm.micro_rows), pm.row_length)
+    assert all(r % ranks == 0 for r in pm.micro_rows)
     trained = [i for i in range(n) if in_loss[i] and len(responses[i])]
     # The exact counts of the mini-batch: response tokens in the loss and samples with any.
     assert pm.token_count == sum(len(responses[i]) for i in trained)
@@ -76,7 +77,7 @@ def test_shapes_come_from_the_buckets_whatever_the_lengths():
         prompts, responses, logprobs = _samples(rng, 16, 16, cap)
         pm = batching.pack_minibatch(prompts, responses, logprobs, np.ones(16), np.ones(16),
                                      layout, pad_id=0)
-        shapes.add(pm.fields["input_ids"].shape[1:])
+        shapes.update((pm.micro(m)["input_ids"].shape for m in range(pm.num_micro)))
     assert shapes <= layout.shapes()
     assert len({length for _, length in shapes}) > 1  # short and long mini-batches: other buckets
 
@@ -105,7 +106,7 @@ def test_rows_are_cut_when_that_computes_fewer_token_slots():
     longest = max(len(p) + len(r) for p, r in zip(prompts, responses))
     assert a.row_length == 96 and longest <= 63
     assert cut.trim_quantum(96) == 16 and b.row_length == -(-longest // 16) * 16
-    assert (b.fields["input_ids"].shape[1], b.row_length) in cut.shapes()
+    assert all((rows, b.row_length) in cut.shapes() for rows in b.micro_rows)
 
     def slots(pm):
         return pm.fields["input_ids"].size
@@ -132,11 +133,13 @@ def test_a_short_mini_batch_computes_its_rows_not_the_whole_budget():
     pm = batching.pack_minibatch(prompts, responses, logprobs, np.ones(6), np.ones(6), layout,
                                  pad_id=0)
     # Six samples of <= 48 tokens need at most 6 rows: one micro-batch of a few rows per rank.
-    assert pm.num_micro == 1 and pm.fields["input_ids"].shape[1] <= 2 * 4
+    assert pm.num_micro == 1 and pm.micro_rows[0] <= 2 * 4
     big = batching.pack_minibatch(*_samples(rng, 200, 8, 40), np.ones(200), np.ones(200), layout,
                                   pad_id=0)
-    # Many samples: full micro-batches of the budget's 16 rows per rank.
-    assert big.fields["input_ids"].shape[1] in (2 * 16, 2 * 8)
+    # Many samples: full micro-batches of the budget's 16 rows per rank, then one of the fewest
+    # rows (a power of two) that hold the rest.
+    assert big.num_micro > 1 and all(r == 2 * 16 for r in big.micro_rows[:-1])
+    assert big.micro_rows[-1] in (2, 4, 8, 16, 32)
     assert big.fill > 0.5
 
 
@@ -162,3 +165,41 @@ def test_cutting_rows_never_computes_more_than_the_bucket():
                                       pad_id=0)
         assert cut.fields["input_ids"].size <= whole.fields["input_ids"].size
         assert cut.token_count == whole.token_count
+
+
+@pytest.mark.parametrize("num_rows,ranks,most,expected", [
+    (40, 8, 4, (4, 1)),  # 5 rows per rank: a full micro-batch, then 1 row each, not 4 + 4
+    (140, 8, 4, (4, 4, 4, 4, 2)),  # 18 per rank
+    (128, 8, 4, (4, 4, 4, 4)),
+    (3, 8, 4, (1,)),  # fewer rows than ranks: one row each
+    (70, 2, 16, (16, 16, 4)),  # 35 per rank: 3 left, the fewest allowed rows that hold them
+])
+def test_micro_batches_are_full_and_the_last_holds_what_is_left(num_rows, ranks, most, expected):
+    layout = batching.packing_layout(64, 64 * most, num_ranks=ranks, num_buckets=1)
+    assert layout.buckets == ((64, most),)
+    rows = batching.micro_batch_rows(num_rows, layout, 64)
+    assert rows == expected
+    assert sum(rows) * ranks >= num_rows and all(r in layout.row_counts(64) for r in rows)
+
+
+def test_a_short_last_micro_batch_keeps_every_sample_and_balances_ranks():
+    # 5 rows per rank over 2 ranks with 4 per micro-batch: micro-batches of 4 and 1 rows per rank.
+    rng = np.random.default_rng(3)
+    n = 10
+    prompts = [rng.integers(3, 100, size=40) for _ in range(n)]
+    responses = [rng.integers(3, 100, size=20) for _ in range(n)]
+    logprobs = -rng.random((n, 20)).astype(np.float32)
+    layout = batching.packing_layout(64, 64 * 4, num_ranks=2, num_buckets=1)
+    pm = batching.pack_minibatch(prompts, responses, logprobs, np.arange(n, dtype=np.float32),
+                                 np.ones(n), layout, pad_id=0)
+    assert pm.micro_rows == (8, 2) and pm.fill == 1.0 - 4 / 64
+    seen = []
+    for m in range(pm.num_micro):
+        micro = pm.micro(m)
+        assert micro["input_ids"].shape == (pm.micro_rows[m], 64)
+        # Each rank's share of a micro-batch (its equal slice of the rows) holds real samples.
+        for part in np.split(micro["segment_ids"], 2):
+            assert (part > 0).any(axis=1).all()
+        seen += sorted(set(micro["advantages"][micro["segment_ids"] > 0].tolist()))
+    assert sorted(seen) == list(range(n))
+    assert pm.rank_tokens.tolist() == [300.0, 300.0]

@@ -77,7 +77,7 @@ def test_packed_updates_build_one_program_per_micro_batch_shape(tmp_path, monkey
 
     def recording_pack(*args, **kwargs):
         pm = real_pack(*args, **kwargs)
-        shapes.append((pm.fields["input_ids"].shape[1], pm.row_length))
+        shapes.extend((rows, pm.row_length) for rows in pm.micro_rows)
         return pm
 
     monkeypatch.setattr(batching, "pack_minibatch", recording_pack)

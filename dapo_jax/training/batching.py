@@ -136,11 +136,12 @@ def packing_layout(max_sample_length: int, budget: int, num_ranks: int, num_buck
                          trim_steps=int(trim_steps), multiple=int(multiple))
 
 
-def _balance(row_tokens: np.ndarray, num_bins: int, capacity: int) -> np.ndarray:
-    """Bin (0..num_bins-1) of every row: longest-processing-time first, each row to the bin with
-    the fewest tokens that still has room (bins are (micro-batch, rank) pairs of `capacity` rows)."""
-    tokens = np.zeros(num_bins, np.int64)
-    count = np.zeros(num_bins, np.int64)
+def _balance(row_tokens: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """Bin of every row: longest-processing-time first, each row to the bin with the fewest tokens
+    that still has room (bins are (micro-batch, rank) pairs; `capacity[b]` rows fit bin b)."""
+    capacity = np.asarray(capacity, np.int64)
+    tokens = np.zeros(len(capacity), np.int64)
+    count = np.zeros(len(capacity), np.int64)
     out = np.zeros(len(row_tokens), np.int64)
     for r in np.argsort(-row_tokens, kind="stable"):
         open_bins = np.flatnonzero(count < capacity)
@@ -151,17 +152,43 @@ def _balance(row_tokens: np.ndarray, num_bins: int, capacity: int) -> np.ndarray
     return out
 
 
+def micro_batch_rows(num_rows: int, layout: PackingLayout, bucket: int) -> tuple[int, ...]:
+    """Rows per rank of each micro-batch that holds `num_rows` packed rows of bucket `bucket`.
+
+    Full micro-batches of the bucket's budget, then one of the fewest allowed rows
+    (`PackingLayout.row_counts`) for what is left: each rank computes about its share of the rows,
+    never a whole extra micro-batch of padding rows.
+    """
+    most = dict(layout.buckets)[bucket]
+    per_rank = max(1, -(-num_rows // layout.num_ranks))
+    full, rest = divmod(per_rank, most)
+    tail = [min(c for c in layout.row_counts(bucket) if c >= rest)] if rest else []
+    return tuple([most] * full + tail)
+
+
 @dataclasses.dataclass
 class PackedMinibatch:
-    """One mini-batch as packed micro-batches: `fields[k]` is [num_micro, num_ranks * rows, L]."""
+    """One mini-batch as packed micro-batches: `fields[k]` is [rows, L], the rows of micro-batch 0,
+    then of micro-batch 1, ...; micro-batch m has `micro_rows[m]` rows (num_ranks x its rows per
+    rank, rank d's rows the d-th equal slice, as the batch sharding splits them)."""
 
     fields: dict[str, np.ndarray]
     row_length: int
-    num_micro: int
+    micro_rows: tuple[int, ...]
     rank_tokens: np.ndarray  # [num_ranks] sample tokens each rank holds, over all micro-batches
     fill: float  # sample tokens / computed token slots
     token_count: float  # response tokens in the loss (the mini-batch's global token-mean count)
     seq_count: float  # samples with at least one token in the loss
+
+    @property
+    def num_micro(self) -> int:
+        """Micro-batches (gradient accumulation steps) of the mini-batch."""
+        return len(self.micro_rows)
+
+    def micro(self, m: int) -> dict[str, np.ndarray]:
+        """Micro-batch `m`'s fields, [micro_rows[m], L] each."""
+        start = sum(self.micro_rows[:m])
+        return {k: v[start:start + self.micro_rows[m]] for k, v in self.fields.items()}
 
 
 def pack_minibatch(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray],
@@ -178,60 +205,55 @@ def pack_minibatch(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray
 
     keep = [i for i in range(len(responses)) if in_loss[i] and len(responses[i]) > 0]
     sample_lengths = np.asarray([len(prompts[i]) + len(responses[i]) for i in keep], np.int64)
-    row_length, most_rows = layout.bucket_for(int(sample_lengths.max()) if keep else 1)
-    rows_per_rank = 1
-    if keep:
-        # Rows of the bucket's length, or cut shorter (`PackingLayout.trimmed_lengths`): whichever
-        # computes the fewest token slots. Short samples then pay for their own length, not the
-        # bucket's; ties keep the shorter rows (less attention per token).
-        best = None
-        for cut in layout.trimmed_lengths(row_length):
-            if cut < sample_lengths.max():
-                continue
-            trial = packing.pack(sample_lengths, cut)
-            micro = -(-trial.num_rows // (layout.num_ranks * most_rows))
-            # As many micro-batches as the budget needs, each with the fewest rows (of the
-            # allowed counts) that hold an even share: a short mini-batch computes its tokens.
-            need = -(-trial.num_rows // (layout.num_ranks * micro))
-            rows = min(c for c in layout.row_counts(row_length) if c >= need)
-            if best is None or micro * rows * cut < best[0]:
-                best = (micro * rows * cut, cut, trial, micro, rows)
-        _, cut, plan, num_micro, rows_per_rank = best
-        row_length = cut
-        row_tokens = np.bincount(plan.row, weights=sample_lengths, minlength=plan.num_rows)
-    slots = layout.num_ranks * rows_per_rank
-    if keep:
-        bins = _balance(row_tokens, num_micro * layout.num_ranks, rows_per_rank)
-        # Bin b = micro m, rank d (b = m * ranks + d); rank d's rows are d*rows .. (d+1)*rows - 1
-        # of its micro-batch, which is the slice of axis 0 that the batch sharding gives it.
-        position = np.zeros(plan.num_rows, np.int64)
-        for b in range(num_micro * layout.num_ranks):
-            members = np.flatnonzero(bins == b)
-            m, d = divmod(b, layout.num_ranks)
-            position[members] = m * slots + d * rows_per_rank + np.arange(len(members))
-        plan = dataclasses.replace(plan, row=position[plan.row].astype(np.int32),
-                                   num_rows=num_micro * slots)
-        rank_tokens = np.bincount(bins % layout.num_ranks, weights=row_tokens,
-                                  minlength=layout.num_ranks)
-        rows = packing.packed_rows([prompts[i] for i in keep], [responses[i] for i in keep], plan,
-                                   pad_id=pad_id)
-        kept_lp = np.asarray(rollout_logprobs)[keep]
-        rows["rollout_logprobs"] = packing.place_per_token(kept_lp, rows).astype(np.float32)
-        rows["advantages"] = packing.place_per_sample(
-            np.asarray(advantages, np.float32)[keep], rows).astype(np.float32)
-    else:  # nothing to train on: one empty micro-batch keeps the update's shape and arithmetic
-        num_micro = 1
-        shape = (slots, row_length)
-        rows = {"input_ids": np.full(shape, pad_id, np.int32), "segment_ids": np.zeros(shape, np.int32),
-                "positions": np.zeros(shape, np.int32), "response_mask": np.zeros(shape, np.int32),
-                "rollout_logprobs": np.zeros(shape, np.float32),
-                "advantages": np.zeros(shape, np.float32)}
-        rank_tokens = np.zeros(layout.num_ranks)
-    fields = {k: rows[k].reshape(num_micro, slots, row_length)
-              for k in ("input_ids", "segment_ids", "positions", "response_mask", "rollout_logprobs",
-                        "advantages")}
-    token_count = float(fields["response_mask"].sum())
-    return PackedMinibatch(fields=fields, row_length=row_length, num_micro=num_micro,
+    bucket, _ = layout.bucket_for(int(sample_lengths.max()) if keep else 1)
+    ranks = layout.num_ranks
+    if not keep:  # nothing to train on: one empty micro-batch keeps the update's shape and arithmetic
+        shape = (ranks, bucket)
+        fields = {"input_ids": np.full(shape, pad_id, np.int32),
+                  "segment_ids": np.zeros(shape, np.int32), "positions": np.zeros(shape, np.int32),
+                  "response_mask": np.zeros(shape, np.int32),
+                  "rollout_logprobs": np.zeros(shape, np.float32),
+                  "advantages": np.zeros(shape, np.float32)}
+        return PackedMinibatch(fields=fields, row_length=bucket, micro_rows=(ranks,),
+                               rank_tokens=np.zeros(ranks), fill=0.0, token_count=0.0,
+                               seq_count=0.0)
+    # Rows of the bucket's length, or cut shorter (`PackingLayout.trimmed_lengths`): whichever
+    # computes the fewest token slots. Short samples then pay for their own length, not the
+    # bucket's; ties keep the shorter rows (less attention per token).
+    best = None
+    for cut in layout.trimmed_lengths(bucket):
+        if cut < sample_lengths.max():
+            continue
+        trial = packing.pack(sample_lengths, cut)
+        per_rank = micro_batch_rows(trial.num_rows, layout, bucket)
+        if best is None or sum(per_rank) * cut < best[0]:
+            best = (sum(per_rank) * cut, cut, trial, per_rank)
+    _, row_length, plan, per_rank = best
+    row_tokens = np.bincount(plan.row, weights=sample_lengths, minlength=plan.num_rows)
+    # Bin b = (micro m, rank d), b = m * ranks + d; rank d's rows of micro-batch m are
+    # d*rows_m .. (d+1)*rows_m - 1 of it, the slice of axis 0 that the batch sharding gives it.
+    micro_of_bin = np.repeat(np.arange(len(per_rank)), ranks)
+    bins = _balance(row_tokens, np.asarray(per_rank)[micro_of_bin])
+    micro_start = np.concatenate([[0], np.cumsum(np.asarray(per_rank) * ranks)])
+    position = np.zeros(plan.num_rows, np.int64)
+    for b in range(len(per_rank) * ranks):
+        members = np.flatnonzero(bins == b)
+        m, d = divmod(b, ranks)
+        position[members] = micro_start[m] + d * per_rank[m] + np.arange(len(members))
+    plan = dataclasses.replace(plan, row=position[plan.row].astype(np.int32),
+                               num_rows=int(micro_start[-1]))
+    rank_tokens = np.bincount(bins % ranks, weights=row_tokens, minlength=ranks)
+    fields = packing.packed_rows([prompts[i] for i in keep], [responses[i] for i in keep], plan,
+                                 pad_id=pad_id)
+    kept_lp = np.asarray(rollout_logprobs)[keep]
+    fields["rollout_logprobs"] = packing.place_per_token(kept_lp, fields).astype(np.float32)
+    fields["advantages"] = packing.place_per_sample(
+        np.asarray(advantages, np.float32)[keep], fields).astype(np.float32)
+    fields = {k: fields[k] for k in ("input_ids", "segment_ids", "positions", "response_mask",
+                                     "rollout_logprobs", "advantages")}
+    return PackedMinibatch(fields=fields, row_length=row_length,
+                           micro_rows=tuple(int(r) * ranks for r in per_rank),
                            rank_tokens=rank_tokens,
-                           fill=float(sample_lengths.sum()) / (num_micro * slots * row_length),
-                           token_count=token_count, seq_count=float(len(keep)))
+                           fill=float(sample_lengths.sum()) / (plan.num_rows * row_length),
+                           token_count=float(fields["response_mask"].sum()),
+                           seq_count=float(len(keep)))

@@ -383,7 +383,7 @@ class Trainer:
             for pm in packed:
                 placed = []
                 for m in range(pm.num_micro):
-                    micro = self._place_rows({k: v[m] for k, v in pm.fields.items()})
+                    micro = self._place_rows(pm.micro(m))
                     micro["old_logprobs"], diff = self.packed_logprob_fn(
                         self.params, {k: micro[k] for k in ("input_ids", "segment_ids", "positions",
                                                             "response_mask", "rollout_logprobs")})
