@@ -64,6 +64,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--matmul_n", type=int, default=None,
                    help="side of the square matmul that measures the peak (default 2048 on CPU, "
                         "8192 on GPU/TPU)")
+    p.add_argument("--trim_steps", type=int, default=8,
+                   help="packed rows may be cut to multiples of row / trim_steps tokens "
+                        "(trainer.packing_trim_steps; 1 = rows keep the bucket's length)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--smoke", action="store_true",
@@ -181,7 +184,8 @@ def run_packed(args, mesh, samples, loss: LossSettings, tx) -> dict[str, Any]:
     """Old log-probs + one update on packed rows of the same token budget (one full row)."""
     cfg = _model(args, "auto")
     prompts, responses, logprobs, advantages = samples
-    layout = batching.packing_layout(args.max_len, -(-args.max_len // 16) * 16, 1, 3)
+    layout = batching.packing_layout(args.max_len, -(-args.max_len // 16) * 16, 1, 3,
+                                     trim_steps=args.trim_steps)
     pm = batching.pack_minibatch(prompts, responses, logprobs, advantages,
                                  np.ones(args.samples, np.int8), layout, pad_id=0)
     params = models.init_model(cfg, seed=0).params()
