@@ -163,9 +163,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.trainer.packing = True
     c.trainer.max_tokens_per_micro_batch = 0
     c.trainer.packing_row_buckets = 3
-    # A micro-batch's rows are then cut to its fullest row, rounded up to bucket / packing_trim_steps
-    # tokens (and to a multiple of 16): short samples do not pay for the bucket's length. At most
-    # packing_trim_steps programs per bucket; 1 = rows keep the bucket's length.
+    # Rows may then be cut to a multiple of bucket / packing_trim_steps tokens (and of 16) when that
+    # computes fewer token slots: short samples do not pay for the bucket's length. At most
+    # packing_trim_steps lengths (compiled programs) per bucket; 1 = rows keep the bucket's length.
     c.trainer.packing_trim_steps = 8
     # Sequence chunk for the vocab projection: memory is [rows, chunk, vocab] float32 logits, and
     # only chunks holding response tokens are projected (prompts cost no logits).
