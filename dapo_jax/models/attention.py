@@ -469,7 +469,8 @@ def paged_decode_attention(q: jax.Array, kv_pages: jax.Array, page_table: jax.Ar
 
     def loop(per_block: int) -> tuple[jax.Array, jax.Array]:
         n_static = -(-max_pages // per_block)
-        table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, n_static * per_block - max_pages)))
+        table = jnp.pad(page_table.astype(jnp.int32),
+                        ((0, 0), (0, n_static * per_block - max_pages)))
         span = per_block * page
         n_blocks = (longest + span - 1) // span  # dynamic: a while loop, not a scan
 

@@ -1,9 +1,9 @@
-"""The run's persistent XLA compilation cache: a restart loads its programs instead of compiling them.
+"""The run's persistent XLA compilation cache: a restart loads its programs, not compiling them.
 
 A preempted or resumed run builds exactly the programs it built before (same shapes, shardings and
-jax version), and at the 32B shape on a pod those compiles take minutes. `trainer.compilation_cache_dir`
-(applied by the command-line entry points, `dapo_jax.train` and `dapo_jax.demo`, before anything
-compiles) keeps them:
+jax version), and at the 32B shape on a pod those compiles take minutes.
+`trainer.compilation_cache_dir` (applied by the command-line entry points, `dapo_jax.train` and
+`dapo_jax.demo`, before anything compiles) keeps them:
 
 * "auto" (the default): `<workdir>/xla_cache`, so the cache travels with the run's checkpoints (a
   gs:// workdir gives a cache that new VMs after a preemption still see), unless JAX already has
@@ -34,7 +34,7 @@ _SAVED_EVENT = "/jax/compilation_cache/compile_time_saved_sec"
 
 
 def resolve(setting: str, workdir: str | epath.PathLike) -> str | None:
-    """The cache folder `trainer.compilation_cache_dir` = `setting` selects for `workdir` (None: none)."""
+    """The cache folder `trainer.compilation_cache_dir` picks for `workdir` (or None)."""
     current = jax.config.jax_compilation_cache_dir
     if setting == AUTO:
         return current or str(epath.Path(workdir) / CACHE_FOLDER)

@@ -85,7 +85,7 @@ class PackingLayout:
         return min(row_length, -(-q // self.multiple) * self.multiple)
 
     def trimmed_lengths(self, row_length: int) -> tuple[int, ...]:
-        """Every length the rows of bucket `row_length` may be cut to (the bucket's own included)."""
+        """Every length rows of bucket `row_length` may be cut to (the bucket's own included)."""
         q = self.trim_quantum(row_length)
         return tuple(sorted({min(row_length, k * q) for k in range(1, -(-row_length // q) + 1)}))
 
@@ -207,7 +207,7 @@ def pack_minibatch(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray
     sample_lengths = np.asarray([len(prompts[i]) + len(responses[i]) for i in keep], np.int64)
     bucket, _ = layout.bucket_for(int(sample_lengths.max()) if keep else 1)
     ranks = layout.num_ranks
-    if not keep:  # nothing to train on: one empty micro-batch keeps the update's shape and arithmetic
+    if not keep:  # nothing to train: one empty micro-batch keeps the update's shape and arithmetic
         shape = (ranks, bucket)
         fields = {"input_ids": np.full(shape, pad_id, np.int32),
                   "segment_ids": np.zeros(shape, np.int32), "positions": np.zeros(shape, np.int32),
