@@ -3,6 +3,7 @@ and markdown/JSON output."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -21,7 +22,15 @@ def environment() -> dict[str, Any]:
     dev = jax.devices()[0]
     return {"backend": jax.default_backend(), "device_kind": dev.device_kind,
             "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "jax": jax.__version__, "python": platform.python_version()}
+            "machine": platform.machine(), "jax": jax.__version__, "jaxlib": _version("jaxlib"),
+            "flax": _version("flax"), "python": platform.python_version()}
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def forward_flops_per_token(cfg: ModelConfig, attended_keys: float) -> float:

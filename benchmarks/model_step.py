@@ -25,11 +25,14 @@ from benchmarks import common
 from configs.base import get_base_config
 from dapo_jax import experiment, models
 from dapo_jax.runtime.devices import device_spec
+from dapo_jax.models.attention import resolve_attention
 from dapo_jax.models.config import DTYPES, REMAT_POLICIES, ModelConfig
 
 # DAPO's decoupled clip range (Clip-Higher): ratio clipped to [1 - 0.2, 1 + 0.28].
 CLIP_LOW, CLIP_HIGH = 0.2, 0.28
-_FLOP_NOTE = "FLOPs/token (fwd+bwd) = 3 x cfg.flops_per_token(seq_len) (backward = 2 x forward)"
+_FLOP_NOTE = ("FLOPs (fwd+bwd) = 3 x forward (backward = 2 x forward); forward = "
+              "cfg.flops_per_token(sample length) per token without the lm head, whose 2 x vocab x "
+              "hidden FLOPs count only for the scored (response) tokens it computes")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -38,7 +41,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="qwen2.5-0.5b", help="model size preset (models.PRESETS)")
     p.add_argument("--batch", type=int, default=1, help="sequences per step")
-    p.add_argument("--seq_len", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--seq_len", type=int, default=256, help="tokens per row")
+    p.add_argument("--samples_per_row", type=int, default=1,
+                   help="packed rows: this many samples of random lengths end to end in each row "
+                        "(segment ids, positions restarting per sample), as the trainer packs them")
     p.add_argument("--steps", type=int, default=3, help="timed steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="matmul/activation dtype")
@@ -58,6 +64,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.seq_len < 2:
         p.error("--seq_len must be >= 2: the loss predicts token t from tokens before it")
+    if not 1 <= args.samples_per_row <= args.seq_len // 4:
+        p.error(f"--samples_per_row must be in [1, --seq_len / 4 = {args.seq_len // 4}] (a sample "
+                f"needs at least 4 tokens), got {args.samples_per_row}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.matmul_n is None:
@@ -66,30 +75,68 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def dapo_policy_loss(params: dict, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array,
-                     response_mask: jax.Array, old_logprobs: jax.Array, advantages: jax.Array
+                     response_mask: jax.Array, old_logprobs: jax.Array, advantages: jax.Array,
+                     positions: jax.Array | None = None, segment_ids: jax.Array | None = None
                      ) -> jax.Array:
     """Token-mean clipped surrogate (DAPO Eq. 8 shape): -min(r A, clip(r, 1-el, 1+eh) A) over tokens."""
-    logprobs, _ = models.sequence_logprobs(params, cfg, input_ids, attention_mask, response_mask)
+    logprobs, _ = models.sequence_logprobs(params, cfg, input_ids, attention_mask, response_mask,
+                                           positions=positions, segment_ids=segment_ids)
     ratio = jnp.exp(logprobs - old_logprobs)
-    adv = advantages[:, None]
+    adv = advantages if advantages.ndim == 2 else advantages[:, None]
     surrogate = jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - CLIP_LOW, 1 + CLIP_HIGH) * adv)
     mask = response_mask.astype(jnp.float32)
     return -jnp.sum(surrogate * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def make_batch(cfg: ModelConfig, batch: int, seq_len: int, seed: int = 0) -> dict[str, jax.Array]:
-    """Random token ids; the first quarter of each row is prompt, the rest response."""
+def segment_lengths(seq_len: int, samples: int, rng: np.random.Generator) -> np.ndarray:
+    """`samples` lengths of at least 4 tokens summing to `seq_len` (uniform random cut points)."""
+    if samples == 1:
+        return np.asarray([seq_len])
+    cuts = np.sort(rng.choice(seq_len - 4 * samples + 1, samples - 1, replace=True))
+    spare = np.diff(np.concatenate([[0], cuts, [seq_len - 4 * samples]]))
+    return spare + 4
+
+
+def make_batch(cfg: ModelConfig, batch: int, seq_len: int, seed: int = 0, samples_per_row: int = 1
+               ) -> dict[str, jax.Array]:
+    """Random token ids in rows of `samples_per_row` samples each; the first quarter of every
+    sample is prompt, the rest response. Packed rows (more than one sample) also carry segment
+    ids (1, 2, ... per sample) and positions restarting at 0 in each sample."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, cfg.vocab_size, size=(batch, seq_len), dtype=np.int32)
     response = np.zeros((batch, seq_len), np.int32)
-    response[:, max(1, seq_len // 4):] = 1
+    segments = np.zeros((batch, seq_len), np.int32)
+    positions = np.zeros((batch, seq_len), np.int32)
+    adv = np.zeros((batch, seq_len), np.float32)
+    lengths = []
+    for b in range(batch):
+        start = 0
+        for s, n in enumerate(segment_lengths(seq_len, samples_per_row, rng)):
+            # A sample's first token is never scored: it would be predicted from the previous one.
+            response[b, start + max(1, n // 4):start + n] = 1
+            segments[b, start:start + n] = s + 1
+            positions[b, start:start + n] = np.arange(n)
+            adv[b, start:start + n] = rng.choice([-1.0, 1.0])
+            lengths.append(int(n))
+            start += n
     # Random-init logits are near uniform, so -log(V) (plus noise) keeps the ratio near 1, inside the
     # clip range, like a real on-policy step.
     old = -math.log(cfg.vocab_size) + 0.05 * rng.standard_normal((batch, seq_len))
-    adv = rng.choice([-1.0, 1.0], size=(batch,))
-    return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones((batch, seq_len), jnp.int32),
-            "response_mask": jnp.asarray(response),
-            "old_logprobs": jnp.asarray(old, jnp.float32), "advantages": jnp.asarray(adv, jnp.float32)}
+    out = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones((batch, seq_len), jnp.int32),
+           "response_mask": jnp.asarray(response),
+           "old_logprobs": jnp.asarray(old, jnp.float32), "advantages": jnp.asarray(adv)}
+    if samples_per_row > 1:
+        out.update(positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments))
+    return out, np.asarray(lengths)
+
+
+def step_flops(cfg: ModelConfig, sample_lengths: np.ndarray, scored_tokens: int) -> float:
+    """Model FLOPs of one forward + backward (3 x forward): every token through the decoder with
+    attention over its own sample (cfg.flops_per_token(sample length)), the lm head (2 x vocab x
+    hidden) only for the scored tokens, which are all that `sequence_logprobs` projects."""
+    head = 2.0 * cfg.vocab_size * cfg.hidden_size
+    body = sum(float(n) * (cfg.flops_per_token(int(n)) - head) for n in sample_lengths)
+    return 3.0 * (body + head * scored_tokens)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,11 +149,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config.model.dtype, config.model.remat, config.model.param_dtype = args.dtype, args.remat, "float32"
     cfg = experiment.resolve_model_config(config)
     params = models.init_model(cfg, seed=0).params()
-    batch = make_batch(cfg, args.batch, args.seq_len)
+    batch, lengths = make_batch(cfg, args.batch, args.seq_len, samples_per_row=args.samples_per_row)
+    scored = int(np.asarray(batch["response_mask"]).sum())
 
     def loss_fn(p, b):
         return dapo_policy_loss(p, cfg, b["input_ids"], b["attention_mask"], b["response_mask"],
-                                b["old_logprobs"], b["advantages"])
+                                b["old_logprobs"], b["advantages"], b.get("positions"),
+                                b.get("segment_ids"))
 
     compiled, compile_s = common.timed(
         lambda: jax.jit(jax.value_and_grad(loss_fn)).lower(params, batch).compile())
@@ -122,8 +171,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokens = args.batch * args.seq_len
     step = common.summarize(times)
     fwd_per_token = cfg.flops_per_token(args.seq_len)
-    flops_per_token = 3.0 * fwd_per_token
-    achieved = flops_per_token * tokens / step["median"]
+    flops_per_step = step_flops(cfg, lengths, scored)
+    flops_per_token = flops_per_step / tokens
+    achieved = flops_per_step / step["median"]
     shape_count = common.forward_flops_per_token(cfg, args.seq_len / 2)
 
     env = common.environment()
@@ -140,9 +190,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "model_step", "environment": env,
         "config": {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len,
+                   "samples_per_row": args.samples_per_row,
+                   "attention": resolve_attention(cfg.attention),
                    "dtype": args.dtype, "param_dtype": "float32", "remat": args.remat,
                    "steps": args.steps, "warmup": args.warmup, "num_params": cfg.num_params},
         "loss": float(loss), "compile_s": compile_s, "step_s": step, "tokens_per_step": tokens,
+        "scored_tokens": scored, "flops_per_step": flops_per_step,
+        "mean_sample_length": float(np.mean(lengths)),
         "tokens_per_s": tokens / step["median"], "forward_flops_per_token": fwd_per_token,
         "flops_per_token": flops_per_token, "flops_note": _FLOP_NOTE,
         "shape_count_forward_flops_per_token": shape_count,
@@ -154,9 +208,10 @@ def format_report(r: dict[str, Any]) -> str:
     """The two markdown tables (step, peaks) and the notes that say how the numbers were counted."""
     c, env = r["config"], r["environment"]
     step = common.markdown_table(
-        ["preset", "params", "batch", "seq_len", "dtype", "remat", "compile s", "step s (median)",
-         "tokens/s", "achieved TFLOP/s"],
-        [[c["preset"], f"{c['num_params'] / 1e6:.1f}M", c["batch"], c["seq_len"], c["dtype"],
+        ["preset", "params", "batch", "seq_len", "samples/row", "attention", "dtype", "remat",
+         "compile s", "step s (median)", "tokens/s", "achieved TFLOP/s"],
+        [[c["preset"], f"{c['num_params'] / 1e6:.1f}M", c["batch"], c["seq_len"],
+          c["samples_per_row"], c["attention"], c["dtype"],
           c["remat"], common.fmt(r["compile_s"]), common.fmt(r["step_s"]["median"]),
           common.fmt(r["tokens_per_s"]), common.fmt(r["achieved_flops"] / 1e12)]])
     peaks = common.markdown_table(
@@ -165,7 +220,11 @@ def format_report(r: dict[str, Any]) -> str:
           "n/a" if p["ratio"] is None else f"{100 * p['ratio']:.1f}%"] for p in r["peaks"]])
     lines = [f"## model_step on {env['backend']} ({env['device_kind']}, jax {env['jax']})", "",
              step, "", peaks, "",
-             f"{r['flops_note']}; forward = {common.fmt(r['forward_flops_per_token'])} FLOP/token.",
+             f"{r['flops_note']}. This step: {common.fmt(r['flops_per_step'])} FLOPs "
+             f"({common.fmt(r['flops_per_token'])} per token; samples of mean length "
+             f"{r['mean_sample_length']:.0f}, {r['scored_tokens']} of {r['tokens_per_step']} tokens "
+             f"scored); a one-sample row's forward is {common.fmt(r['forward_flops_per_token'])} "
+             "FLOP/token with the head.",
              f"Step time over {c['steps']} steps after {c['warmup']} warm-up: median "
              f"{common.fmt(r['step_s']['median'])} s, min {common.fmt(r['step_s']['min'])} s, "
              f"max {common.fmt(r['step_s']['max'])} s; compile time is excluded from them."]

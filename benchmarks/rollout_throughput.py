@@ -164,15 +164,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def decode_bytes_per_step(cfg: ModelConfig, batch: int, cache_len: int, param_bytes: int,
+def decode_bytes_per_step(cfg: ModelConfig, batch: int, cache_len: float, param_bytes: int,
                           cache_dtype: str) -> int:
-    """HBM bytes one decode step must read: every parameter once plus the whole K and V cache.
+    """HBM bytes one decode step must read: every parameter once plus K and V of `cache_len`
+    positions per slot (`kv_tokens_read`).
 
-    `param_bytes` is the size of the weights as the engine holds them; `cache_len` is the cache
-    length the attention reads: our engine attends over all max_target_length positions (masked).
+    `param_bytes` is the size of the weights as the engine holds them.
     """
     kv = 2 * cfg.num_layers * batch * cache_len * cfg.num_kv_heads * cfg.head_dim * _BYTES[cache_dtype]
-    return int(param_bytes) + kv
+    return int(param_bytes) + int(round(kv))
+
+
+def kv_tokens_read(kv_cache: str, prompt_len: int, new_tokens: int, page_size: int) -> float:
+    """K/V positions per slot one decode step must read, averaged over the `new_tokens` steps.
+
+    Dense: the whole cache (prompt_len + new_tokens), which that engine scores every step. Paged:
+    only the pages that hold the sample so far, ceil((prompt_len + t + 1) / page_size) pages at
+    step t; our kernel may read more (a power-of-two block of pages), so this is the stricter bound.
+    """
+    if kv_cache == "dense":
+        return float(prompt_len + new_tokens)
+    t = np.arange(new_tokens)
+    return float(np.mean(-(-(prompt_len + t + 1) // page_size) * page_size))
 
 
 def roofline_tokens_per_s(bytes_per_step: int, batch: int, hbm_bytes_per_s: float) -> float:
@@ -508,26 +521,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peak = common.measured_matmul_flops(args.dtype, args.matmul_n)
     rows = []
     for name in args.presets:
-        with tempfile.TemporaryDirectory(prefix="rollout_bench_") as tmp:
-            hf_model = build_hf_checkpoint(models.preset(name), tmp, args.seed)
-            if args.skip_hf:
-                hf_model = None
-            model, cfg = models.load_pretrained(tmp, dtype="float32")
-            params = model.params()
-            del model
+        if args.skip_hf:
+            # No baseline: random weights straight from JAX (no torch, no checkpoint round trip,
+            # which costs minutes of host time at the 1.5B shape on an accelerator host).
+            hf_model, cfg = None, models.preset(name).replace(dtype="float32")
+            params = models.init_model(cfg, seed=args.seed).params()
+        else:
+            with tempfile.TemporaryDirectory(prefix="rollout_bench_") as tmp:
+                hf_model = build_hf_checkpoint(models.preset(name), tmp, args.seed)
+                model, cfg = models.load_pretrained(tmp, dtype="float32")
+                params = model.params()
+                del model
         cfg = cfg.replace(dtype=args.dtype)
         for batch in args.batches:
             n = args.samples_per_prompt
             prompts = random_prompts(cfg.vocab_size, batch // n, args.prompt_len, args.seed + batch)
             hf = None if hf_model is None else run_hf(hf_model, prompts, args.new_tokens, args.seed, n)
             ours = run_ours(cfg, params, prompts, args.new_tokens, args)
-            cache_len = args.prompt_len + args.new_tokens
-            step_flops = batch * common.forward_flops_per_token(cfg, cache_len)
+            kv_len = kv_tokens_read(args.kv_cache, args.prompt_len, args.new_tokens,
+                                    args.kv_page_size)
+            step_flops = batch * common.forward_flops_per_token(cfg, kv_len)
             row = {"preset": name, "batch": batch, "samples_per_prompt": n, "hf": hf, "ours": ours,
                    "ratio": None if hf is None else ours["tokens_per_s"] / hf["tokens_per_s"],
                    "decode_step_flops": step_flops,
                    "compute_ideal_ms_per_step": 1000 * step_flops / peak,
-                   "bytes_per_step": decode_bytes_per_step(cfg, batch, cache_len, ours["param_bytes"],
+                   "kv_tokens_per_slot": kv_len,
+                   "bytes_per_step": decode_bytes_per_step(cfg, batch, kv_len, ours["param_bytes"],
                                                            args.cache_dtype),
                    "roofline_tokens_per_s": None, "roofline_fraction": None}
             if spec is not None:
@@ -597,7 +616,9 @@ def format_report(r: dict[str, Any]) -> str:
     ]
     if spec is not None:
         lines.append(f"HBM roofline: {spec['name']} at {spec['hbm_bytes_per_s'] / 1e12:.2f} TB/s; "
-                     "bytes per decode step = parameters + the whole K/V cache (prompt + new tokens); "
+                     "bytes per decode step = parameters + K/V of the positions read per slot "
+                     "(dense: the whole cache; paged: the pages holding the sample so far, mean "
+                     f"{r['rows'][0]['kv_tokens_per_slot']:.0f} positions); "
                      "roofline tok/s = bandwidth / bytes per step x batch, compared with decode tok/s.")
     return "\n".join(lines)
 

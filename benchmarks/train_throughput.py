@@ -31,6 +31,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from benchmarks import common
 from configs.base import get_base_config
 from dapo_jax import experiment, models
+from dapo_jax.runtime.devices import device_spec
+from dapo_jax.models.attention import resolve_attention
 from dapo_jax.models.config import DTYPES, REMAT_POLICIES, ModelConfig
 from dapo_jax.models.sharding import make_mesh
 from dapo_jax.training import batching
@@ -67,6 +69,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trim_steps", type=int, default=8,
                    help="packed rows may be cut to multiples of row / trim_steps tokens "
                         "(trainer.packing_trim_steps; 1 = rows keep the bucket's length)")
+    p.add_argument("--micro_rows", type=int, default=1,
+                   help="token budget per micro-batch, in full-length rows: padded micro-batches "
+                        "hold this many rows, packed ones this many x --max_len tokens")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed runs of each layout (the update continues from the last one's "
+                        "parameters); the fastest is reported, the first as well")
+    p.add_argument("--layouts", default="padded,packed",
+                   help="comma-separated layouts to run (padded, packed); the ratio needs both")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--smoke", action="store_true",
@@ -77,6 +87,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.memory_lens, args.matmul_n = "64,128", 256
     if args.samples < 1:
         p.error(f"--samples must be >= 1, got {args.samples}")
+    if args.micro_rows < 1 or args.samples % args.micro_rows:
+        p.error(f"--micro_rows ({args.micro_rows}) must be >= 1 and divide --samples "
+                f"({args.samples}): padded micro-batches are that many rows")
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
+    args.layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    if not args.layouts or set(args.layouts) - {"padded", "packed"}:
+        p.error(f"--layouts must name padded and/or packed, got {','.join(args.layouts)!r}")
     if not 2 <= args.prompt_len < args.max_len:
         p.error(f"--prompt_len must be in [2, --max_len={args.max_len}), got {args.prompt_len}")
     if not 0 < args.mean_fraction <= 1 or not 0 <= args.truncated < 1:
@@ -132,8 +150,20 @@ def _memory(compiled) -> float:
                  + m.temp_size_in_bytes)
 
 
+def _timed_runs(step, repeats: int, layout: str) -> dict[str, float]:
+    """Calls `step()` -> (old-log-prob s, update s, loss) `repeats` times; the fastest run's
+    times, the first run's total (allocation and autotuning land there on an accelerator)."""
+    runs = [step() for _ in range(repeats)]
+    for _, _, loss in runs:
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"{layout} update produced a non-finite loss ({loss})")
+    old_s, update_s, _ = min(runs, key=lambda r: r[0] + r[1])
+    return {"old_logprob_s": old_s, "update_s": update_s, "first_run_s": runs[0][0] + runs[0][1],
+            "loss": runs[0][2], "repeats": repeats}
+
+
 def run_padded(args, mesh, samples, loss: LossSettings, tx) -> dict[str, Any]:
-    """Old log-probs + one update on padded rows [P | R], micro-batches of one row."""
+    """Old log-probs + one update on padded rows [P | R], micro-batches of --micro_rows rows."""
     cfg = _model(args, args.padded_attention)
     prompts, responses, logprobs, advantages = samples
     p_len, r_len = args.prompt_len, args.max_len - args.prompt_len
@@ -143,7 +173,8 @@ def run_padded(args, mesh, samples, loss: LossSettings, tx) -> dict[str, Any]:
             "attention_mask": np.concatenate([rows["prompt_mask"], rows["response_mask"]], 1),
             "response_mask": rows["response_mask"], "rollout_logprobs": rows["rollout_logprobs"],
             "advantages": advantages}
-    (mb,) = batching.minibatches(host, mini_batch_size=args.samples, micro_batch_size=1)
+    (mb,) = batching.minibatches(host, mini_batch_size=args.samples,
+                                 micro_batch_size=args.micro_rows)
     params = models.init_model(cfg, seed=0).params()
     shardings = models.param_shardings(cfg, mesh)
     params = jax.device_put(params, shardings)
@@ -162,30 +193,34 @@ def run_padded(args, mesh, samples, loss: LossSettings, tx) -> dict[str, Any]:
     lr = jax.device_put(jnp.float32(1e-6), rep)
     up_c = update.lower(params, opt_state, upd_in, lr).compile()
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    old, _ = lp_c(params, dev["input_ids"], dev["attention_mask"], dev["response_mask"],
-                  dev["rollout_logprobs"])
-    jax.block_until_ready(old)
-    t_old = time.perf_counter() - t0
-    upd_in["old_logprobs"] = old
-    t0 = time.perf_counter()
-    params, opt_state, metrics = up_c(params, opt_state, upd_in, lr)
-    jax.block_until_ready(params)
-    t_update = time.perf_counter() - t0
-    if not np.isfinite(float(metrics["loss"])):
-        raise FloatingPointError("padded update produced a non-finite loss")
-    return {"compile_s": compile_s, "old_logprob_s": t_old, "update_s": t_update,
+    state = {"params": params, "opt_state": opt_state}
+
+    def step():
+        t0 = time.perf_counter()
+        old, _ = lp_c(state["params"], dev["input_ids"], dev["attention_mask"],
+                      dev["response_mask"], dev["rollout_logprobs"])
+        jax.block_until_ready(old)
+        t_old = time.perf_counter() - t0
+        upd_in["old_logprobs"] = old
+        t0 = time.perf_counter()
+        state["params"], state["opt_state"], metrics = up_c(state["params"], state["opt_state"],
+                                                            upd_in, lr)
+        jax.block_until_ready(state["params"])
+        return t_old, time.perf_counter() - t0, float(metrics["loss"])
+
+    return {"compile_s": compile_s, **_timed_runs(step, args.repeats, "padded"),
             "computed_tokens": int(args.samples * args.max_len),
-            "peak_bytes": max(_memory(lp_c), _memory(up_c)), "loss": float(metrics["loss"]),
-            "micro_batches": args.samples, "row_length": args.max_len}
+            "peak_bytes": max(_memory(lp_c), _memory(up_c)),
+            "micro_batches": args.samples // args.micro_rows, "row_length": args.max_len}
 
 
 def run_packed(args, mesh, samples, loss: LossSettings, tx) -> dict[str, Any]:
-    """Old log-probs + one update on packed rows of the same token budget (one full row)."""
+    """Old log-probs + one update on packed rows of the same token budget (--micro_rows full
+    rows)."""
     cfg = _model(args, "auto")
     prompts, responses, logprobs, advantages = samples
-    layout = batching.packing_layout(args.max_len, -(-args.max_len // 16) * 16, 1, 3,
-                                     trim_steps=args.trim_steps)
+    layout = batching.packing_layout(args.max_len, args.micro_rows * (-(-args.max_len // 16) * 16),
+                                     1, 3, trim_steps=args.trim_steps)
     pm = batching.pack_minibatch(prompts, responses, logprobs, advantages,
                                  np.ones(args.samples, np.int8), layout, pad_id=0)
     params = models.init_model(cfg, seed=0).params()
@@ -217,29 +252,30 @@ def run_packed(args, mesh, samples, loss: LossSettings, tx) -> dict[str, Any]:
                                        seq_count).compile()
     apply_c = apply.lower(params, opt_state, grads, lr).compile()
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    old = [lp_c[m["input_ids"].shape](params, {k: m[k] for k in lp_fields})[0] for m in micro]
-    jax.block_until_ready(old)
-    t_old = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    grads, sums = zero(params)
-    for m, o in zip(micro, old):
-        inputs = {k: m[k] for k in grad_fields}
-        inputs["old_logprobs"] = o
-        grads, sums = grad_c[m["input_ids"].shape](params, grads, sums, inputs, token_count,
-                                                   seq_count)
-    params, opt_state, _ = apply_c(params, opt_state, grads, lr)
-    jax.block_until_ready(params)
-    t_update = time.perf_counter() - t0
-    loss_value = float(sums["loss"])
-    if not np.isfinite(loss_value):
-        raise FloatingPointError("packed update produced a non-finite loss")
-    assert set(sums) == set(METRIC_SUMS)
-    return {"compile_s": compile_s, "old_logprob_s": t_old, "update_s": t_update,
+    state = {"params": params, "opt_state": opt_state}
+
+    def step():
+        params = state["params"]
+        t0 = time.perf_counter()
+        old = [lp_c[m["input_ids"].shape](params, {k: m[k] for k in lp_fields})[0] for m in micro]
+        jax.block_until_ready(old)
+        t_old = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        grads, sums = zero(params)
+        for m, o in zip(micro, old):
+            inputs = {k: m[k] for k in grad_fields}
+            inputs["old_logprobs"] = o
+            grads, sums = grad_c[m["input_ids"].shape](params, grads, sums, inputs, token_count,
+                                                       seq_count)
+        state["params"], state["opt_state"], _ = apply_c(params, state["opt_state"], grads, lr)
+        jax.block_until_ready(state["params"])
+        assert set(sums) == set(METRIC_SUMS)
+        return t_old, time.perf_counter() - t0, float(sums["loss"])
+
+    return {"compile_s": compile_s, **_timed_runs(step, args.repeats, "packed"),
             "computed_tokens": int(pm.fields["input_ids"].size),
             "peak_bytes": max([_memory(c) for c in (*lp_c.values(), *grad_c.values(), apply_c)]),
-            "loss": loss_value, "micro_batches": pm.num_micro, "row_length": pm.row_length,
-            "fill": pm.fill}
+            "micro_batches": pm.num_micro, "row_length": pm.row_length, "fill": pm.fill}
 
 
 def memory_scaling(args, mesh, loss: LossSettings, lengths: Sequence[int]) -> list[dict[str, Any]]:
@@ -282,26 +318,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     r_max = args.max_len - args.prompt_len
     loss = LossSettings(chunk_size=256, loss_scale_length=float(r_max))
     tx = make_optimizer(weight_decay=0.1, grad_clip=1.0)
-    results = {"padded": run_padded(args, mesh, samples, loss, tx),
-               "packed": run_packed(args, mesh, samples, loss, tx)}
+    runners = {"padded": run_padded, "packed": run_packed}
+    results = {name: runners[name](args, mesh, samples, loss, tx) for name in args.layouts}
     fwd = cfg.flops_per_token(int(np.mean([len(p) + len(r) for p, r in zip(prompts, responses)])))
     peak = common.measured_matmul_flops(args.dtype, args.matmul_n)
+    env = common.environment()
+    spec = device_spec(env["device_kind"]) if env["backend"] != "cpu" else None
     for r in results.values():
         r["seconds"] = r["old_logprob_s"] + r["update_s"]
         r["useful_tokens_per_s"] = useful / r["seconds"]
         # Useful work: a forward (old log-probs) and a forward + backward (3x) per real token.
-        r["mfu"] = 4 * fwd * useful / r["seconds"] / peak
+        r["useful_flops_per_s"] = 4 * fwd * useful / r["seconds"]
+        r["mfu"] = r["useful_flops_per_s"] / peak
+        r["mfu_published"] = r["useful_flops_per_s"] / spec.peak_bf16_flops if spec else None
     lens = [int(x) for x in args.memory_lens.split(",") if x.strip()]
     return {
-        "benchmark": "train_throughput", "environment": common.environment(),
+        "benchmark": "train_throughput", "environment": env,
         "config": {"preset": args.preset, "samples": args.samples, "max_len": args.max_len,
                    "prompt_len": args.prompt_len, "dtype": args.dtype, "remat": args.remat,
-                   "padded_attention": args.padded_attention, "num_params": cfg.num_params},
+                   "padded_attention": args.padded_attention, "num_params": cfg.num_params,
+                   "micro_rows": args.micro_rows, "repeats": args.repeats,
+                   "packed_attention": resolve_attention(cfg.attention), "layouts": args.layouts},
+        "device_spec": None if spec is None else vars(spec),
         "lengths": {"mean": float(r_len.mean()), "median": float(np.median(r_len)),
                     "p90": float(np.percentile(r_len, 90)), "max": int(r_len.max()),
                     "truncated": float(np.mean(r_len == r_max)), "max_response": r_max},
         "useful_tokens": useful, "matmul_peak_flops": peak, "results": results,
-        "ratio": results["packed"]["useful_tokens_per_s"] / results["padded"]["useful_tokens_per_s"],
+        "ratio": (results["packed"]["useful_tokens_per_s"] / results["padded"]["useful_tokens_per_s"]
+                  if len(results) == 2 else None),
         "memory_scaling": memory_scaling(args, mesh, loss, lens) if lens else [],
     }
 
@@ -309,27 +353,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def format_report(r: dict[str, Any]) -> str:
     """The length distribution, the throughput table and the memory-scaling table."""
     c, L, env = r["config"], r["lengths"], r["environment"]
+    spec = r.get("device_spec")
     rows = []
     for name, x in r["results"].items():
         rows.append([name, x["row_length"], x["micro_batches"], common.fmt(x["computed_tokens"]),
                      common.fmt(x["compile_s"]), common.fmt(x["old_logprob_s"]),
                      common.fmt(x["update_s"]), common.fmt(x["useful_tokens_per_s"]),
-                     f"{x['peak_bytes'] / GIB:.2f}", f"{100 * x['mfu']:.1f}%"])
+                     f"{x['peak_bytes'] / GIB:.2f}", f"{100 * x['mfu']:.1f}%",
+                     "n/a" if x.get("mfu_published") is None else f"{100 * x['mfu_published']:.1f}%"])
     table = common.markdown_table(
         ["layout", "row tokens", "micro-batches", "computed tokens", "compile s", "old log-prob s",
-         "update s", "useful tokens/s", "peak GiB", "MFU (useful)"], rows)
+         "update s", "useful tokens/s", "peak GiB", "MFU (useful)", "MFU (published peak)"], rows)
+    timing = (f"Times: the fastest of {c['repeats']} runs (first run "
+              + ", ".join(f"{n} {common.fmt(x['first_run_s'])} s" for n, x in r["results"].items())
+              + ")." if c.get("repeats", 1) > 1 else "Times: one run after compilation.")
     lines = [
         f"## train_throughput on {env['backend']} ({env['device_kind']}, jax {env['jax']})", "",
         f"{c['preset']} ({c['num_params'] / 1e6:.0f}M params), {c['samples']} samples, "
         f"{c['max_len']}-token maximum (prompt <= {c['prompt_len']}), {c['dtype']}, "
-        f"remat={c['remat']}; padded attention {c['padded_attention']!r}, packed blockwise.",
+        f"remat={c['remat']}; padded attention {c['padded_attention']!r}, packed "
+        f"{c.get('packed_attention', 'blockwise')!r}; a micro-batch holds "
+        f"{c.get('micro_rows', 1)} x {c['max_len']} tokens.",
         f"response lengths: mean {L['mean']:.0f}, median {L['median']:.0f}, p90 {L['p90']:.0f}, "
         f"max {L['max']} of {L['max_response']}, {100 * L['truncated']:.0f}% truncated at the "
         f"maximum; {r['useful_tokens']:,} useful (prompt + response) tokens.", "", table, "",
-        f"packed / padded useful tokens/s: {r['ratio']:.2f}x. MFU counts the useful tokens' forward "
+        ("" if r["ratio"] is None else f"packed / padded useful tokens/s: {r['ratio']:.2f}x. ")
+        + f"{timing} MFU counts the useful tokens' forward "
         f"(old log-probs) and forward + backward (update) FLOPs against this machine's measured "
-        f"{c['dtype']} matmul peak ({r['matmul_peak_flops'] / 1e12:.3f} TFLOP/s). Peak GiB: the "
-        "largest compiled program's arguments + unaliased outputs + temporaries."]
+        f"{c['dtype']} matmul peak ({r['matmul_peak_flops'] / 1e12:.3f} TFLOP/s)"
+        + ("" if not spec else f" and the published bf16 dense peak of the {spec['name']} "
+           f"({spec['peak_bf16_flops'] / 1e12:.0f} TFLOP/s)")
+        + ". Peak GiB: the largest compiled program's arguments + unaliased outputs + temporaries."]
     if r["memory_scaling"]:
         by = {}
         for m in r["memory_scaling"]:

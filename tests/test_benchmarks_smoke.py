@@ -27,20 +27,25 @@ def test_model_step_smoke_prints_step_and_peak_tables(capsys, tmp_path):
     model_step.main(["--smoke", "--json", str(out_json)])
     text = capsys.readouterr().out
     assert common.table_headers(text) == [
-        ["preset", "params", "batch", "seq_len", "dtype", "remat", "compile s", "step s (median)",
-         "tokens/s", "achieved TFLOP/s"],
+        ["preset", "params", "batch", "seq_len", "samples/row", "attention", "dtype", "remat",
+         "compile s", "step s (median)", "tokens/s", "achieved TFLOP/s"],
         ["reference", "peak TFLOP/s", "MFU (achieved / peak)"],
     ]
-    assert "3 x cfg.flops_per_token(seq_len)" in text
+    assert "3 x forward" in text and "only for the scored (response) tokens" in text
     result = json.loads(out_json.read_text())
     assert result["config"]["preset"] == "tiny"
-    # The documented FLOP convention: fwd+bwd = 3 x forward, per token of batch 2 x 32.
-    assert result["flops_per_token"] == pytest.approx(3 * models.preset("tiny").flops_per_token(32))
+    # The documented FLOP convention: fwd+bwd = 3 x forward; 2 rows of 32 tokens, the last 24 of
+    # each scored (the first quarter is prompt), the lm head counted for those alone.
+    cfg = models.preset("tiny")
+    head = 2 * cfg.vocab_size * cfg.hidden_size
+    assert result["scored_tokens"] == 2 * 24
+    expected = 3 * (2 * 32 * (cfg.flops_per_token(32) - head) + 2 * 24 * head)
+    assert result["flops_per_step"] == pytest.approx(expected)
     assert result["tokens_per_s"] == pytest.approx(2 * 32 / result["step_s"]["median"])
     refs = [p["reference"] for p in result["peaks"]]
     assert refs[0].startswith("measured bfloat16") and refs[1].startswith("measured float32")
     # MFU is the achieved rate over each measured peak (recomputed here from the logged step time).
-    achieved = result["flops_per_token"] * 2 * 32 / result["step_s"]["median"]
+    achieved = expected / result["step_s"]["median"]
     assert result["achieved_flops"] == pytest.approx(achieved)
     for p in result["peaks"][:2]:
         assert p["ratio"] == pytest.approx(achieved / p["peak_flops"]), p
@@ -132,17 +137,25 @@ def test_shape_flop_count_equals_xla_cost_analysis_of_tied_forward():
 def test_train_throughput_smoke_compares_padded_and_packed(capsys, tmp_path):
     from benchmarks import train_throughput
     out_json = tmp_path / "train_throughput.json"
-    train_throughput.main(["--smoke", "--json", str(out_json)])
+    train_throughput.main(["--smoke", "--micro_rows", "2", "--repeats", "2", "--json", str(out_json)])
     text = capsys.readouterr().out
     assert common.table_headers(text) == [
         ["layout", "row tokens", "micro-batches", "computed tokens", "compile s", "old log-prob s",
-         "update s", "useful tokens/s", "peak GiB", "MFU (useful)"],
+         "update s", "useful tokens/s", "peak GiB", "MFU (useful)", "MFU (published peak)"],
         ["row tokens", "blockwise GiB", "dense GiB"],
     ]
     r = json.loads(out_json.read_text())
     padded, packed = r["results"]["padded"], r["results"]["packed"]
     # Padding computes every sample at the maximum; packing computes fewer tokens for the same ones.
     assert padded["computed_tokens"] == r["config"]["samples"] * r["config"]["max_len"]
+    # Micro-batches of two full rows' budget: 8 padded rows in 4; packed rows fill 2 per micro-batch.
+    assert padded["micro_batches"] == 4 and packed["micro_batches"] == -(-packed["computed_tokens"]
+                                                                       // packed["row_length"] // 2)
+    for x in (padded, packed):
+        # The fastest of the two timed runs is reported; the first is kept beside it.
+        assert x["repeats"] == 2 and x["first_run_s"] >= x["old_logprob_s"] + x["update_s"]
+        assert x["mfu_published"] is None  # no published peak for a CPU
+    assert "the fastest of 2 runs" in text
     assert r["useful_tokens"] <= packed["computed_tokens"] < padded["computed_tokens"]
     assert packed["fill"] == pytest.approx(r["useful_tokens"] / packed["computed_tokens"])
     for x in (padded, packed):
@@ -161,3 +174,31 @@ def test_dapo_lengths_follow_the_requested_shape():
     assert lengths.min() >= 1 and lengths.max() == 1920
     assert np.mean(lengths == 1920) == pytest.approx(0.05, abs=0.005)
     assert 0.18 * 1920 < lengths.mean() < 0.32 * 1920
+
+
+def test_model_step_packed_rows_restart_positions_and_count_attention_per_sample():
+    cfg = models.preset("tiny")
+    batch, lengths = model_step.make_batch(cfg, 2, 64, seed=3, samples_per_row=4)
+    seg, pos = np.asarray(batch["segment_ids"]), np.asarray(batch["positions"])
+    assert lengths.sum() == 2 * 64 and len(lengths) == 8 and lengths.min() >= 4
+    row_lengths = [np.bincount(seg[b])[1:] for b in range(2)]
+    np.testing.assert_array_equal(np.concatenate(row_lengths), lengths)
+    for b in range(2):
+        for s, n in enumerate(row_lengths[b]):
+            np.testing.assert_array_equal(pos[b][seg[b] == s + 1], np.arange(n))
+    # No sample's first token is scored: it would be predicted from the previous sample.
+    assert not np.asarray(batch["response_mask"])[pos == 0].any()
+    scored = int(np.asarray(batch["response_mask"]).sum())
+    head = 2 * cfg.vocab_size * cfg.hidden_size
+    expected = 3 * (sum(n * (cfg.flops_per_token(int(n)) - head) for n in lengths) + scored * head)
+    assert model_step.step_flops(cfg, lengths, scored) == pytest.approx(expected)
+    # Attention within samples costs less than over the whole row.
+    assert model_step.step_flops(cfg, lengths, scored) < model_step.step_flops(cfg, [64, 64], scored)
+    with pytest.raises(SystemExit):
+        model_step.parse_args(["--seq_len", "16", "--samples_per_row", "5"])
+
+
+def test_decode_roofline_reads_the_pages_in_use_for_paged_and_the_whole_cache_for_dense():
+    # Steps of a 15-token prompt: the sample holds 16, 17, 18 tokens -> one, two, two pages of 16.
+    assert rollout_throughput.kv_tokens_read("paged", 15, 3, 16) == pytest.approx((16 + 32 + 32) / 3)
+    assert rollout_throughput.kv_tokens_read("dense", 15, 3, 16) == 18
