@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # Extra demo flags, e.g. config overrides: make demo ARGS="--config.trainer.total_steps=5"
 ARGS ?=
 
-.PHONY: demo test install install-test clean bench
+.PHONY: demo test install install-test clean bench accelerator-checks
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: $(TEST_STAMP)
 bench: $(TEST_STAMP)
 	$(PY) -m benchmarks.model_step
 	$(PY) -m benchmarks.rollout_throughput --presets tiny,qwen2.5-0.5b --batches 16,64
+
+# On a GPU/TPU host: the accelerator checks of issues 15 and 16 in one budgeted run.
+accelerator-checks: $(STAMP)
+	$(PY) -m benchmarks.accelerator_checks --out workdir/accelerator_checks
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache

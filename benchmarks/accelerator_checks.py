@@ -36,6 +36,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -255,27 +256,38 @@ def summary_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
 
 
 def run_stage(stage: Stage, timeout_s: float, log: Callable[[str], None]) -> dict[str, Any]:
-    """Runs one stage's process; returns its JSON result, or why there is none."""
+    """Runs one stage's process, its output streamed to `log` as it comes; returns its JSON
+    result, or why there is none."""
     with tempfile.TemporaryDirectory() as tmp:
         result_path = pathlib.Path(tmp) / "result.json"
         cmd = [sys.executable, *stage.argv, "--json", str(result_path)]
         log(f"\n### {stage.name} (limit {timeout_s:.0f} s)\n$ {' '.join(cmd[1:])}\n")
         t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        lines: list[str] = []
+
+        def pump() -> None:
+            for line in proc.stdout:
+                lines.append(line)
+                log(line)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
         try:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  timeout=timeout_s, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            output, status = proc.stdout, ("ok" if proc.returncode == 0
-                                           else f"exit status {proc.returncode}")
-        except subprocess.TimeoutExpired as e:
-            output = e.stdout if isinstance(e.stdout, str) else (e.stdout or b"").decode()
+            code = proc.wait(timeout=timeout_s)
+            status = "ok" if code == 0 else f"exit status {code}"
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
             status = f"timed out after {timeout_s:.0f} s"
+        reader.join(timeout=10)
         seconds = time.perf_counter() - t0
-        log(output)
         log(f"[{stage.name}: {status}, {seconds:.0f} s]\n")
         result = json.loads(result_path.read_text()) if result_path.exists() else None
     if status != "ok" and result is not None:
         status += " (after writing its result)"
-    tail = "\n".join(output.strip().splitlines()[-3:])
+    tail = "".join(lines[-3:]).strip()
     return {"stage": stage.name, "status": status, "seconds": seconds, "result": result,
             "error": None if status == "ok" else tail}
 

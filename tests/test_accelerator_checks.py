@@ -59,3 +59,17 @@ def test_stages_that_do_not_fit_the_budget_are_skipped_and_named(tmp_path):
     assert "skipped, " in (tmp_path / "log.txt").read_text()
     with pytest.raises(SystemExit, match="selects no stage"):
         ac.main(["--smoke", "--only", "nothing", "--out", str(tmp_path)])
+
+
+def test_a_stage_that_hangs_is_killed_at_its_limit_and_a_failing_one_reports_its_last_lines():
+    logged = []
+    hang = ac.Stage("hang", ("-c", "import time; print('started', flush=True); time.sleep(60)"), 1, 0)
+    out = ac.run_stage(hang, 1.0, logged.append)
+    assert out["status"] == "timed out after 1 s" and out["result"] is None
+    assert out["seconds"] < 30 and "started" in out["error"]
+    fail = ac.Stage("fail", ("-c", "import sys; print('bad flag: --x'); sys.exit(3)"), 30, 0)
+    out = ac.run_stage(fail, 30.0, logged.append)
+    assert out["status"] == "exit status 3" and out["error"] == "bad flag: --x"
+    # Output reaches the log line by line, with each stage's header and verdict.
+    text = "".join(logged)
+    assert "### hang (limit 1 s)" in text and "[fail: exit status 3," in text
