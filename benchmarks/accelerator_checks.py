@@ -196,7 +196,13 @@ def engine_parity(smoke: bool) -> dict[str, Any]:
 
 def parity(smoke: bool) -> dict[str, Any]:
     """Stage 1: both parity checks on this process's backend."""
+    import jax
+
     from benchmarks import common
+
+    # Full float32 matmuls (a GPU's default is TF32): the two engines' logits then agree to ~1e-6,
+    # so a near-tie flipping a greedy token cannot pass for a bug.
+    jax.config.update("jax_default_matmul_precision", "highest")
     return {"benchmark": "parity", "environment": common.environment(),
             "attention": attention_parity(smoke), "engine": engine_parity(smoke)}
 
