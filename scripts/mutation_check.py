@@ -127,6 +127,28 @@ MUTATIONS = (
         "for cut in layout.trimmed_lengths(row_length):",
         "for cut in layout.trimmed_lengths(row_length)[-1:]:",
         ("tests/test_batching.py",)),
+    Mutation(
+        "model_step_counts_the_head_for_every_token",
+        "MFU counts the lm head's FLOPs for prompt tokens that sequence_logprobs never projects",
+        "benchmarks/model_step.py",
+        "return 3.0 * (body + head * scored_tokens)",
+        "return 3.0 * (body + head * float(sum(sample_lengths)))",
+        ("tests/test_benchmarks_smoke.py",)),
+    Mutation(
+        "decode_roofline_reads_the_whole_paged_cache",
+        "the paged cache's roofline counts every slot's maximum length, overstating our fraction",
+        "benchmarks/rollout_throughput.py",
+        'if kv_cache == "dense":',
+        'if kv_cache in ("dense", "paged"):',
+        ("tests/test_benchmarks_smoke.py",)),
+    Mutation(
+        "accelerator_checks_ignore_the_budget",
+        "every accelerator stage runs whatever time is left, so the device call overruns its limit",
+        "benchmarks/accelerator_checks.py",
+        "if left < stage.min_s:",
+        "if False:",
+        ("tests/test_accelerator_checks.py"
+         "::test_stages_that_do_not_fit_the_budget_are_skipped_and_named",)),
 )
 
 
