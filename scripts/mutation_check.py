@@ -128,6 +128,13 @@ MUTATIONS = (
         "for cut in layout.trimmed_lengths(row_length)[-1:]:",
         ("tests/test_batching.py",)),
     Mutation(
+        "paged_decode_merge_without_rescale",
+        "paged decode adds a sample's later blocks to its running softmax sum without rescaling it",
+        "dapo_jax/models/attention.py",
+        "l = l * corr + jnp.zeros_like(l).at[row].add(p.sum(axis=-1) * w)",
+        "l = l + jnp.zeros_like(l).at[row].add(p.sum(axis=-1) * w)",
+        ("tests/test_paged_engine.py",)),
+    Mutation(
         "model_step_counts_the_head_for_every_token",
         "MFU counts the lm head's FLOPs for prompt tokens that sequence_logprobs never projects",
         "benchmarks/model_step.py",

@@ -110,6 +110,33 @@ def test_paged_attention_reads_only_the_block_that_holds_the_longest_row(lengths
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_each_row_reads_only_its_own_blocks_not_the_longest_rows():
+    """A long-tailed batch: one long row and short ones. With blocks of one page, each short row's
+    allocated pages past its own length are NaN; reading them (as a loop to the longest row's
+    block count would) poisons that row. The loop takes (row, block) pairs, several per row."""
+    rng = np.random.default_rng(4)
+    b, h, kvh, hd, page, width = 4, 4, 2, 8, 4, 6
+    n_pages = b * width
+    table = np.arange(n_pages, dtype=np.int32).reshape(b, width)
+    lengths = np.asarray([23, 2, 0, 9], np.int32)
+    k_pages = rng.normal(size=(n_pages, kvh, page, hd))
+    v_pages = rng.normal(size=(n_pages, kvh, page, hd))
+    q = jnp.asarray(rng.normal(size=(b, 1, h, hd)), jnp.float32)
+    k = np.transpose(k_pages[table], (0, 1, 3, 2, 4)).reshape(b, width * page, kvh, hd)
+    v = np.transpose(v_pages[table], (0, 1, 3, 2, 4)).reshape(b, width * page, kvh, hd)
+    mask = (jnp.arange(width * page)[None] < lengths[:, None])[:, None, :]
+    want = dense_attention(q, jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32), mask)
+    for r, n in enumerate(lengths):
+        unread = table[r, -(-n // page):]
+        k_pages[unread] = np.nan
+        v_pages[unread] = np.nan
+    pool = _pool_layout(jnp.asarray(k_pages, jnp.float32), jnp.asarray(v_pages, jnp.float32))
+    # Blocks of one page: 6 + 1 + 0 + 3 (row, block) pairs, taken 4 at a time.
+    got = paged_decode_attention(q, pool, jnp.asarray(table), jnp.asarray(lengths), block_tokens=4)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.all(np.asarray(got[2]) == 0.0)  # the free slot
+
+
 def _kernel_inputs(head_dim=128):
     """A two-layer pool in the kernel's lane width, a table with unallocated entries, and a free
     slot (length 0) among the rows."""

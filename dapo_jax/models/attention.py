@@ -446,9 +446,11 @@ def paged_decode_attention(q: jax.Array, kv_pages: jax.Array, page_table: jax.Ar
     (j+1)*P-1; entries past the row's length may be anything); kv_lengths [B] (0 for a row that
     attends to nothing: it outputs zeros).
 
-    "xla": a loop over blocks of pages with an online softmax stops after the longest row's last
-    block, so a step's cost follows the lengths in use, not the table's width; the block is the
-    smallest power-of-two number of pages that holds the longest row, at most `block_tokens` keys.
+    "xla": an online softmax over blocks of pages, each row over its own blocks only: a loop takes
+    B (row, block) pairs at a time until every row's blocks are done, so a step costs the sum of
+    the rows' lengths (rounded up to blocks), not B x the longest row or the table's width. The
+    block is the smallest power-of-two number of pages that holds the longest row, at most
+    `block_tokens` keys.
     "ragged_tpu": jax's TPU ragged paged attention kernel (`kernel` replaces it, e.g. by its jnp
     reference in tests), which reads each row's pages up to its own length.
     """
@@ -471,31 +473,47 @@ def paged_decode_attention(q: jax.Array, kv_pages: jax.Array, page_table: jax.Ar
         n_static = -(-max_pages // per_block)
         table = jnp.pad(page_table.astype(jnp.int32),
                         ((0, 0), (0, n_static * per_block - max_pages)))
+        table = table.reshape(b, n_static, per_block)
         span = per_block * page
-        n_blocks = (longest + span - 1) // span  # dynamic: a while loop, not a scan
+        # Work items are (row, block) pairs, each row's own blocks only; every iteration takes
+        # the next `b` of them (any rows), so a step costs the sum of the rows' blocks, not
+        # b x the longest row's: a long-tailed batch reads what it holds.
+        row_blocks = (kv_lengths + span - 1) // span  # [B], 0 for a free slot
+        ends = jnp.cumsum(row_blocks)
+        total = ends[-1]
+        starts = ends - row_blocks
 
-        def body(j, carry):
+        def body(c, carry):
             m, l, acc = carry  # [B,K,G], [B,K,G], [B,K,G,hd] float32
-            ids = jax.lax.dynamic_slice_in_dim(table, j * per_block, per_block, axis=1)
-            ids = jnp.clip(ids, 0, n_pages - 1)
+            item = c * b + jnp.arange(b, dtype=jnp.int32)
+            valid = item < total
+            row = jnp.minimum(jnp.searchsorted(ends, item, side="right"), b - 1).astype(jnp.int32)
+            blk = jnp.where(valid, item - starts[row], 0)
+            ids = jnp.clip(table[row, blk], 0, n_pages - 1)  # [W, per_block]
             kb, vb = _layer_pages(kv_pages, layer, ids, 0), _layer_pages(kv_pages, layer, ids, 1)
-            s = jnp.einsum("bkgd,bnpkd->bkgnp", qg, kb, preferred_element_type=jnp.float32)
+            s = jnp.einsum("wkgd,wnpkd->wkgnp", qg[row], kb, preferred_element_type=jnp.float32)
             s = s.reshape(b, kvh, g, span) * (hd ** -0.5)
-            mask = (j * span + jnp.arange(span, dtype=jnp.int32))[None] < kv_lengths[:, None]
+            mask = (blk[:, None] * span + jnp.arange(span, dtype=jnp.int32)[None]
+                    < kv_lengths[row][:, None]) & valid[:, None]
             mask = mask[:, None, None]
             s = jnp.where(mask, s, _MASK_VALUE)
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-            corr = jnp.exp(m - m_new)
-            l = l * corr + p.sum(axis=-1)
-            pv = jnp.einsum("bkgnp,bnpkd->bkgd",
+            m_item = s.max(axis=-1)  # [W,K,G]
+            p = jnp.where(mask, jnp.exp(s - m_item[..., None]), 0.0)
+            pv = jnp.einsum("wkgnp,wnpkd->wkgd",
                             p.reshape(b, kvh, g, per_block, page).astype(kv_pages.dtype), vb,
                             preferred_element_type=jnp.float32)
-            return m_new, l, acc * corr[..., None] + pv
+            # Merge the items into their rows' running softmax (a row may have several items).
+            m_item = jnp.where(valid[:, None, None], m_item, _MASK_VALUE)
+            m_new = jnp.maximum(m, jnp.full_like(m, _MASK_VALUE).at[row].max(m_item))
+            corr = jnp.exp(m - m_new)
+            w = jnp.where(valid[:, None, None], jnp.exp(m_item - m_new[row]), 0.0)
+            l = l * corr + jnp.zeros_like(l).at[row].add(p.sum(axis=-1) * w)
+            acc = acc * corr[..., None] + jnp.zeros_like(acc).at[row].add(pv * w[..., None])
+            return m_new, l, acc
 
         init = (jnp.full((b, kvh, g), _MASK_VALUE, jnp.float32),
                 jnp.zeros((b, kvh, g), jnp.float32), jnp.zeros((b, kvh, g, hd), jnp.float32))
-        _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+        _, l, acc = jax.lax.fori_loop(0, (total + b - 1) // b, body, init)  # dynamic: a while loop
         return l, acc
 
     # Blocks of 1, 2, 4, ... pages up to block_tokens: the smallest block that holds the longest
