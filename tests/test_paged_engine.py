@@ -323,6 +323,27 @@ def test_the_decode_step_reads_only_the_pages_in_use(tiny):
     _assert_same(long, short)
 
 
+def test_samples_longer_than_a_block_decode_like_the_dense_engine(tiny):
+    """Past 256 tokens a sample spans several decode blocks (the work-item loop), beside short
+    samples of one block (3 slots: a sample's blocks straddle the loop's steps of 3 items);
+    tokens and log-probs stay the dense engine's."""
+    model, cfg = tiny
+
+    def generate(kv_cache):
+        # The stop id is outside the vocabulary: every sample runs to its own max_new_tokens.
+        eng = build_engine(cfg, kv_cache=kv_cache, kv_page_size=16, max_concurrent_decodes=3,
+                           max_prefill_length=16, max_target_length=320,
+                           stop_token_ids=[cfg.vocab_size])
+        drv = RolloutDriver(eng, model, steps_per_sync=8, progress=False, sampling=SAMPLE)
+        return drv.generate(reqs, seed=2)
+
+    reqs = [RolloutRequest(p, n=2, max_new_tokens=m)
+            for p, m in zip(_prompts(cfg.vocab_size, lengths=(12, 3, 9)), (300, 20, 270))]
+    got = generate("paged")
+    assert sorted({len(s.tokens) for samples in got.samples for s in samples}) == [20, 270, 300]
+    _assert_same(got, generate("dense"))
+
+
 def test_eight_fake_devices_give_the_same_outputs_as_one(tiny):
     """Slots and pages split over (data, fsdp) = 4 shards, KV heads over tensor: each device decodes
     its own slots from its own pages, and a tight pool preempts per shard."""

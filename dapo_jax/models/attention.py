@@ -450,7 +450,7 @@ def paged_decode_attention(q: jax.Array, kv_pages: jax.Array, page_table: jax.Ar
     B (row, block) pairs at a time until every row's blocks are done, so a step costs the sum of
     the rows' lengths (rounded up to blocks), not B x the longest row or the table's width. The
     block is the smallest power-of-two number of pages that holds the longest row, at most
-    `block_tokens` keys.
+    `block_tokens` keys; when one block holds every row, there is no loop.
     "ragged_tpu": jax's TPU ragged paged attention kernel (`kernel` replaces it, e.g. by its jnp
     reference in tests), which reads each row's pages up to its own length.
     """
@@ -468,6 +468,21 @@ def paged_decode_attention(q: jax.Array, kv_pages: jax.Array, page_table: jax.Ar
     kv_lengths = kv_lengths.astype(jnp.int32)
     qg = q.reshape(b, kvh, g, hd)
     longest = jnp.max(kv_lengths)
+
+    def one_block(per_block: int) -> tuple[jax.Array, jax.Array]:
+        # Every live row fits in its first `per_block` pages: one block each, no loop.
+        ids = jnp.clip(page_table[:, :per_block].astype(jnp.int32), 0, n_pages - 1)
+        kb, vb = _layer_pages(kv_pages, layer, ids, 0), _layer_pages(kv_pages, layer, ids, 1)
+        span = per_block * page
+        s = jnp.einsum("bkgd,bnpkd->bkgnp", qg, kb, preferred_element_type=jnp.float32)
+        s = s.reshape(b, kvh, g, span) * (hd ** -0.5)
+        mask = (jnp.arange(span, dtype=jnp.int32)[None] < kv_lengths[:, None])[:, None, None]
+        s = jnp.where(mask, s, _MASK_VALUE)
+        p = jnp.where(mask, jnp.exp(s - s.max(axis=-1, keepdims=True)), 0.0)
+        acc = jnp.einsum("bkgnp,bnpkd->bkgd",
+                         p.reshape(b, kvh, g, per_block, page).astype(kv_pages.dtype), vb,
+                         preferred_element_type=jnp.float32)
+        return p.sum(axis=-1), acc
 
     def loop(per_block: int) -> tuple[jax.Array, jax.Array]:
         n_static = -(-max_pages // per_block)
@@ -522,7 +537,11 @@ def paged_decode_attention(q: jax.Array, kv_pages: jax.Array, page_table: jax.Ar
     largest = max(1, min(block_tokens // page, max_pages))
     sizes = sorted({min(1 << i, largest) for i in range(largest.bit_length() + 1)})
     branch = jnp.sum(jnp.asarray([n * page for n in sizes[:-1]], jnp.int32) < longest)
-    l, acc = jax.lax.switch(branch, [functools.partial(loop, n) for n in sizes])
+    # Only the largest block may need several per row (the work-item loop); smaller ones are
+    # chosen when the longest row fits one, as is the largest when it spans the whole table.
+    branches = [functools.partial(one_block, n) for n in sizes[:-1]]
+    branches.append(functools.partial(one_block if sizes[-1] == max_pages else loop, sizes[-1]))
+    l, acc = jax.lax.switch(branch, branches)
     out = jnp.where((l == 0.0)[..., None], 0.0, acc / jnp.where(l == 0.0, 1.0, l)[..., None])
     return out.reshape(b, 1, h, hd).astype(q.dtype)
 
