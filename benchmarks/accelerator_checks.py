@@ -47,7 +47,7 @@ PRESETS = ("qwen2.5-0.5b", "qwen2.5-1.5b")
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One benchmark process: its module and flags, its time limit and how long it needs at least."""
+    """One benchmark process: module and flags, time limit, and the least time it needs."""
     name: str
     argv: tuple[str, ...]
     timeout_s: float
@@ -149,8 +149,8 @@ def attention_parity(smoke: bool) -> dict[str, Any]:
     # Loose enough for TF32 dots (the GPU kernel's float32 default) and bf16's 8-bit mantissa, tight
     # enough that a wrong mask or a dropped block (errors of order 1) fails.
     limits = {"float32": (1e-2, 1e-2), "bfloat16": (0.1, 0.1)}
-    out["ok"] = all(out[d]["finite"] and out[d]["out_max_err"] < lo and out[d]["grad_max_rel_err"] < lg
-                    for d, (lo, lg) in limits.items())
+    out["ok"] = all(out[d]["finite"] and out[d]["out_max_err"] < lo
+                    and out[d]["grad_max_rel_err"] < lg for d, (lo, lg) in limits.items())
     return out
 
 
@@ -244,7 +244,8 @@ def summary_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
     if bench == "model_step":
         c = r["config"]
         published = r["peaks"][-1]["ratio"]
-        return [[f"model_step {c['preset']} {c['batch']}x{c['seq_len']} ({c['samples_per_row']}/row)",
+        rows = f"{c['batch']}x{c['seq_len']} ({c['samples_per_row']}/row)"
+        return [[f"model_step {c['preset']} {rows}",
                  f"MFU >= {GOAL_MFU:.0%}", _pct(published),
                  f"{r['tokens_per_s']:.0f} tok/s, {r['achieved_flops'] / 1e12:.1f} TFLOP/s"]]
     if bench == "rollout_throughput":
@@ -330,7 +331,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         if x["result"] is not None:
             rows += summary_rows(x["stage"], x["result"])
         if x["status"] != "ok":
-            rows.append([x["stage"], "", x["status"], (x["error"] or "").replace("\n", " / ")[-160:]])
+            error = (x["error"] or "").replace("\n", " / ")[-160:]
+            rows.append([x["stage"], "", x["status"], error])
     from benchmarks import common
     env = next((x["result"]["environment"] for x in results if x["result"]), None)
     head = (f"# accelerator checks on {env['backend']} ({env['device_kind']}, jax {env['jax']})"
