@@ -131,8 +131,8 @@ MUTATIONS = (
         "paged_decode_merge_without_rescale",
         "paged decode adds a sample's later blocks to its running softmax sum without rescaling it",
         "dapo_jax/models/attention.py",
-        "l = l * corr + jnp.zeros_like(l).at[row].add(p.sum(axis=-1) * w)",
-        "l = l + jnp.zeros_like(l).at[row].add(p.sum(axis=-1) * w)",
+        "l = l * corr + jnp.zeros_like(l).at[row].add(l_item * w)",
+        "l = l + jnp.zeros_like(l).at[row].add(l_item * w)",
         ("tests/test_paged_engine.py",)),
     Mutation(
         "model_step_counts_the_head_for_every_token",

@@ -469,20 +469,25 @@ def paged_decode_attention(q: jax.Array, kv_pages: jax.Array, page_table: jax.Ar
     qg = q.reshape(b, kvh, g, hd)
     longest = jnp.max(kv_lengths)
 
+    def attend(q_rows, ids, mask) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """One block of pages per row: its max score, softmax mass and weighted values."""
+        per_block = ids.shape[1]
+        kb, vb = _layer_pages(kv_pages, layer, ids, 0), _layer_pages(kv_pages, layer, ids, 1)
+        s = jnp.einsum("wkgd,wnpkd->wkgnp", q_rows, kb, preferred_element_type=jnp.float32)
+        s = jnp.where(mask, s.reshape(b, kvh, g, per_block * page) * (hd ** -0.5), _MASK_VALUE)
+        m = s.max(axis=-1)  # [W,K,G]
+        p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
+        pv = jnp.einsum("wkgnp,wnpkd->wkgd",
+                        p.reshape(b, kvh, g, per_block, page).astype(kv_pages.dtype), vb,
+                        preferred_element_type=jnp.float32)
+        return m, p.sum(axis=-1), pv
+
     def one_block(per_block: int) -> tuple[jax.Array, jax.Array]:
         # Every live row fits in its first `per_block` pages: one block each, no loop.
         ids = jnp.clip(page_table[:, :per_block].astype(jnp.int32), 0, n_pages - 1)
-        kb, vb = _layer_pages(kv_pages, layer, ids, 0), _layer_pages(kv_pages, layer, ids, 1)
-        span = per_block * page
-        s = jnp.einsum("bkgd,bnpkd->bkgnp", qg, kb, preferred_element_type=jnp.float32)
-        s = s.reshape(b, kvh, g, span) * (hd ** -0.5)
-        mask = (jnp.arange(span, dtype=jnp.int32)[None] < kv_lengths[:, None])[:, None, None]
-        s = jnp.where(mask, s, _MASK_VALUE)
-        p = jnp.where(mask, jnp.exp(s - s.max(axis=-1, keepdims=True)), 0.0)
-        acc = jnp.einsum("bkgnp,bnpkd->bkgd",
-                         p.reshape(b, kvh, g, per_block, page).astype(kv_pages.dtype), vb,
-                         preferred_element_type=jnp.float32)
-        return p.sum(axis=-1), acc
+        span = jnp.arange(per_block * page, dtype=jnp.int32)
+        _, l, acc = attend(qg, ids, (span[None] < kv_lengths[:, None])[:, None, None])
+        return l, acc
 
     def loop(per_block: int) -> tuple[jax.Array, jax.Array]:
         n_static = -(-max_pages // per_block)
@@ -505,24 +510,15 @@ def paged_decode_attention(q: jax.Array, kv_pages: jax.Array, page_table: jax.Ar
             row = jnp.minimum(jnp.searchsorted(ends, item, side="right"), b - 1).astype(jnp.int32)
             blk = jnp.where(valid, item - starts[row], 0)
             ids = jnp.clip(table[row, blk], 0, n_pages - 1)  # [W, per_block]
-            kb, vb = _layer_pages(kv_pages, layer, ids, 0), _layer_pages(kv_pages, layer, ids, 1)
-            s = jnp.einsum("wkgd,wnpkd->wkgnp", qg[row], kb, preferred_element_type=jnp.float32)
-            s = s.reshape(b, kvh, g, span) * (hd ** -0.5)
             mask = (blk[:, None] * span + jnp.arange(span, dtype=jnp.int32)[None]
                     < kv_lengths[row][:, None]) & valid[:, None]
-            mask = mask[:, None, None]
-            s = jnp.where(mask, s, _MASK_VALUE)
-            m_item = s.max(axis=-1)  # [W,K,G]
-            p = jnp.where(mask, jnp.exp(s - m_item[..., None]), 0.0)
-            pv = jnp.einsum("wkgnp,wnpkd->wkgd",
-                            p.reshape(b, kvh, g, per_block, page).astype(kv_pages.dtype), vb,
-                            preferred_element_type=jnp.float32)
+            m_item, l_item, pv = attend(qg[row], ids, mask[:, None, None])
             # Merge the items into their rows' running softmax (a row may have several items).
             m_item = jnp.where(valid[:, None, None], m_item, _MASK_VALUE)
             m_new = jnp.maximum(m, jnp.full_like(m, _MASK_VALUE).at[row].max(m_item))
             corr = jnp.exp(m - m_new)
             w = jnp.where(valid[:, None, None], jnp.exp(m_item - m_new[row]), 0.0)
-            l = l * corr + jnp.zeros_like(l).at[row].add(p.sum(axis=-1) * w)
+            l = l * corr + jnp.zeros_like(l).at[row].add(l_item * w)
             acc = acc * corr[..., None] + jnp.zeros_like(acc).at[row].add(pv * w[..., None])
             return m_new, l, acc
 
