@@ -9,6 +9,11 @@ per-device program gives the numbers. Argument buffers follow exactly from shape
 (the analytic column reproduces them); temporaries are XLA:CPU's buffer assignment, which differs
 somewhat from what XLA:TPU / XLA:GPU would pick.
 
+For a named TPU or GPU topology the two steps are also lowered for that platform on an abstract
+mesh of its chips (`runtime.cross_lowering`), with the kernels the model picks there (splash
+attention and ragged paged decode on TPU, Pallas flash attention on GPU): a step that would not
+lower on the hardware fails here, before a job is submitted (exit status 1; `--nolower` skips it).
+
 What stays on device between steps follows dapo_jax/training/trainer.py: the train params and optimizer
 state live for the whole run; the sampler's copy of the weights (sampling layout, model.dtype) and its
 decode state (KV cache) exist only during rollouts (the trainer releases them before the update). So
@@ -39,7 +44,9 @@ from dapo_jax.models.qwen2 import jnp_dtype, param_shapes
 from dapo_jax.models.sharding import MESH_AXES, make_mesh, named_sharding
 from dapo_jax.sampler import KVPoolPlan, PagedEngine, build_engine, kv_pool_plan
 from dapo_jax.sampler.engine import Engine
+from dapo_jax.runtime import cross_lowering
 from dapo_jax.runtime.cli_errors import VERBOSE_HELP, UserError, absl_flags_parser, run_cli
+from dapo_jax.runtime.cross_lowering import LoweredProgram
 from dapo_jax.runtime.topology import GIB, Topology, custom_topology, parse_topology
 from dapo_jax.training.update import (METRIC_SUMS, PACKED_FIELDS, batch_spec, build_apply_fn,
                                       build_packed_grad_fn, build_update_fn)
@@ -149,6 +156,9 @@ class Measurement:
     analytic: Analytic
     alternatives: dict[str, Analytic]  # mesh description -> analytic numbers on that mesh
     apply: StepMemory | None = None  # packed: the optimizer step on the summed gradients
+    # The train and decode steps lowered for the topology's TPU/GPU on an abstract mesh of its
+    # chips, with the kernels the model picks there (empty for a custom topology).
+    lowered: tuple[LoweredProgram, ...] = ()
 
     @property
     def train_peak_bytes(self) -> int:
@@ -201,6 +211,11 @@ class PlanResult:
     def peak_bytes(self) -> int:
         """Per-device bytes of the larger phase."""
         return self.measurement.peak_bytes
+
+    @property
+    def lowering_failed(self) -> bool:
+        """True when a step did not lower for the topology's platform (it would fail there)."""
+        return any(not p.ok for p in self.measurement.lowered)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -477,10 +492,10 @@ def _replicated(mesh: Mesh, dtype: Any = jnp.float32) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((), dtype, sharding=NamedSharding(mesh, PartitionSpec()))
 
 
-def lower_train_step(config, cfg: ModelConfig, mesh: Mesh, shapes: Shapes, tx) -> Any:
-    """The trainer's update lowered for abstract inputs of the planned shapes: padded,
+def trace_train_step(config, cfg: ModelConfig, mesh: Mesh, shapes: Shapes, tx) -> Any:
+    """The trainer's update traced for abstract inputs of the planned shapes: padded,
     `training.update.build_update_fn`; packed, `build_packed_grad_fn` (one micro-batch), both
-    with the experiment's loss settings."""
+    with the experiment's loss settings. `mesh` may be abstract (`jax.sharding.AbstractMesh`)."""
     param_sh = hf_checkpoint.param_shardings(cfg, mesh)
     params = abstract_params(cfg, param_sh)
     loss = experiment.loss_settings(config, mesh)
@@ -488,23 +503,36 @@ def lower_train_step(config, cfg: ModelConfig, mesh: Mesh, shapes: Shapes, tx) -
         grad = build_packed_grad_fn(cfg, mesh, param_sh, loss, shapes.seq_len - shapes.prompt_len)
         grads = abstract_params(cfg, param_sh, "float32")
         sums = {k: _replicated(mesh) for k in METRIC_SUMS}
-        return grad.lower(params, grads, sums, _abstract_micro(mesh, shapes), _replicated(mesh),
+        return grad.trace(params, grads, sums, _abstract_micro(mesh, shapes), _replicated(mesh),
                           _replicated(mesh))
     opt = _abstract_opt_state(tx, params, mesh)
     opt_sh = jax.tree.map(lambda x: x.sharding, opt)
     update = build_update_fn(cfg, tx, mesh, param_sh, opt_sh, shapes.prompt_len, loss)
-    return update.lower(params, opt, _abstract_minibatch(mesh, shapes), _replicated(mesh))
+    return update.trace(params, opt, _abstract_minibatch(mesh, shapes), _replicated(mesh))
+
+
+def lower_train_step(config, cfg: ModelConfig, mesh: Mesh, shapes: Shapes, tx) -> Any:
+    """`trace_train_step` lowered for jax's backend."""
+    return trace_train_step(config, cfg, mesh, shapes, tx).lower()
+
+
+def trace_decode_step(config, cfg: ModelConfig, mesh: Mesh, shapes: Shapes,
+                      cache_dtype: str | None = None) -> Any:
+    """The sampler's generate step (steps_per_sync decode steps, all slots) traced for abstract
+    inputs; `mesh` may be abstract."""
+    engine = _engine(cfg, mesh, dataclasses.replace(shapes, cache_dtype=cache_dtype or
+                                                    shapes.cache_dtype))
+    generate = engine.generate_program(shapes.steps_per_sync,
+                                       experiment.sampling_params(config.rollout))
+    return generate.trace(engine.abstract_params(), _abstract_decode_state(engine))
 
 
 def compile_decode_step(config, cfg: ModelConfig, mesh: Mesh, shapes: Shapes) -> StepMemory:
     """Lowers and compiles the sampler's generate step (steps_per_sync decode steps, all slots)."""
     t0 = time.perf_counter()
-    sampling = experiment.sampling_params(config.rollout)
 
     def compile_with_cache(cache_dtype: str):
-        engine = _engine(cfg, mesh, dataclasses.replace(shapes, cache_dtype=cache_dtype))
-        generate = engine.generate_program(shapes.steps_per_sync, sampling)
-        return generate.lower(engine.abstract_params(), _abstract_decode_state(engine)).compile()
+        return trace_decode_step(config, cfg, mesh, shapes, cache_dtype).lower().compile()
 
     compiled = compile_with_cache(shapes.cache_dtype)
     upcast = 0
@@ -528,8 +556,25 @@ def _candidate_meshes(mesh: Mesh, cfg: ModelConfig, micro: int) -> dict[str, dic
     return out
 
 
-def measure(config, devices: Sequence[jax.Device] | None = None) -> Measurement:
-    """Compiles both steps for `config` on `devices` (default: all) and computes analytic bytes."""
+def lower_for_topology(config, cfg: ModelConfig, shapes: Shapes, tx, topology: Topology
+                       ) -> tuple[LoweredProgram, ...]:
+    """The train and decode steps of `shapes` lowered for `topology`'s TPU or GPU on an abstract
+    mesh of its chips (the kernels the model picks there included); () for a custom topology."""
+    if topology.kind not in ("tpu", "gpu") or not topology.device_kind:
+        return ()
+    mesh = cross_lowering.abstract_mesh(shapes.mesh, topology.device_kind, topology.kind,
+                                        topology.cores_per_chip)
+    train = "train gradient step" if shapes.packing else "train update step"
+    return (cross_lowering.lower(train, lambda: trace_train_step(config, cfg, mesh, shapes, tx),
+                                 mesh),
+            cross_lowering.lower("decode step", lambda: trace_decode_step(config, cfg, mesh, shapes),
+                                 mesh))
+
+
+def measure(config, devices: Sequence[jax.Device] | None = None, *,
+            lower_for: Topology | None = None) -> Measurement:
+    """Compiles both steps for `config` on `devices` (default: all) and computes analytic bytes;
+    with `lower_for`, also lowers them for that topology's accelerator (`lower_for_topology`)."""
     devices = list(devices if devices is not None else jax.devices())
     cfg = model_config(config)
     mesh = make_mesh({a: int(config.mesh[a]) for a in MESH_AXES}, devices=devices)
@@ -544,9 +589,10 @@ def measure(config, devices: Sequence[jax.Device] | None = None) -> Measurement:
         alt_mesh = make_mesh(shape, devices=devices)
         alt_shapes = dataclasses.replace(shapes, mesh=shape)
         alternatives[label] = analytic(cfg, alt_mesh, alt_shapes, tx)
+    lowered = lower_for_topology(config, cfg, shapes, tx, lower_for) if lower_for else ()
     return Measurement(shapes=shapes, model=cfg, train=train, decode=decode,
                        analytic=analytic(cfg, mesh, shapes, tx), alternatives=alternatives,
-                       apply=apply)
+                       apply=apply, lowered=lowered)
 
 
 def planned_shapes(config, cfg: ModelConfig, mesh: Mesh) -> Shapes:
@@ -733,10 +779,11 @@ def _topology(topology: Topology | str | None, devices: int | None, hbm_gib: flo
 
 
 def plan(config, topology: Topology | str | None = None, *, devices: int | None = None,
-         hbm_gib: float | None = None) -> PlanResult:
+         hbm_gib: float | None = None, lower: bool = True) -> PlanResult:
     """Compiles `config`'s train and decode steps for the topology's chips and judges the fit.
 
     Uses the first `chips` JAX devices already present (fake CPU devices; the CLI creates them).
+    With `lower` (and a named TPU/GPU topology) the steps are also lowered for that accelerator.
     """
     topo = _topology(topology, devices, hbm_gib)
     available = jax.devices()
@@ -745,7 +792,7 @@ def plan(config, topology: Topology | str | None = None, *, devices: int | None 
             f"{topo.name} needs {topo.chips} devices but JAX has {len(available)}: run "
             f"`python -m dapo_jax.plan` (it sets them up), or set JAX_PLATFORMS=cpu and "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={topo.chips} before importing jax")
-    return assess(measure(config, available[:topo.chips]), topo)
+    return assess(measure(config, available[:topo.chips], lower_for=topo if lower else None), topo)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -769,6 +816,22 @@ def _decode_line(s: Shapes, cfg: ModelConfig) -> str:
             f"the max response), i.e. {per(pool.concurrent_samples_at_max)} / "
             f"{per(pool.concurrent_samples)} per chip ({s.samples_per_prompt} samples per prompt "
             f"share their prompt pages)")
+
+
+def _lowering_lines(m: Measurement, t: Topology) -> list[str]:
+    if not m.lowered:
+        return []
+    lines = [f"lowered for {t.device_kind} ({m.lowered[0].platform}, abstract "
+             f"{_mesh_str(m.shapes.mesh)} mesh, kernels as the model picks them there):"]
+    for p in m.lowered:
+        if not p.ok:
+            lines.append(f"  {p.name}: FAILED ({p.error}); it would fail on {t.name} too")
+        elif p.kernels:
+            lines.append(f"  {p.name}: ok in {p.seconds:.1f} s; Pallas kernels "
+                         f"{', '.join(p.kernels)} ({p.kernel_calls} call sites)")
+        else:
+            lines.append(f"  {p.name}: ok in {p.seconds:.1f} s; XLA only (no Pallas kernel)")
+    return lines
 
 
 def format_report(result: PlanResult) -> str:
@@ -801,6 +864,7 @@ def format_report(result: PlanResult) -> str:
         _decode_line(s, m.model),
         f"compile time: train {step_name} {m.train.compile_seconds:.1f} s, decode step "
         f"{m.decode.compile_seconds:.1f} s (lower + compile on XLA:CPU)",
+        *_lowering_lines(m, t),
         "",
         f"{'per device, GiB':<52}{'XLA':>9}{'analytic':>10}",
         f"train {step_name}",
@@ -902,8 +966,11 @@ def main(argv: Sequence[str]) -> None:
     if f.config is None:
         raise UserError("--config is required, e.g. --config configs/dapo_qwen2_5_32b.py")
     _ensure_fake_devices(_topology(f.topology or None, f.devices, f.hbm_gib).chips)
-    result = plan(f.config, f.topology or None, devices=f.devices, hbm_gib=f.hbm_gib)
+    result = plan(f.config, f.topology or None, devices=f.devices, hbm_gib=f.hbm_gib,
+                  lower=f.lower)
     print(format_report(result))
+    if result.lowering_failed:
+        sys.exit(1)
 
 
 def _define_flags() -> None:
@@ -914,6 +981,9 @@ def _define_flags() -> None:
     flags.DEFINE_string("topology", None, "accelerator, e.g. v5p-128, v5litepod-16, h100-80gb-x8")
     flags.DEFINE_integer("devices", None, "device count (with --hbm_gib) instead of --topology")
     flags.DEFINE_float("hbm_gib", None, "HBM per device in GiB (with --devices)")
+    flags.DEFINE_bool("lower", True, "also lower the train and decode steps for a named TPU/GPU "
+                      "topology's platform (its Pallas kernels included) on an abstract mesh of its "
+                      "chips; exit status 1 when one does not lower")
     flags.DEFINE_bool("verbose", False, VERBOSE_HELP)
 
 

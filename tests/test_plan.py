@@ -2,6 +2,7 @@
 byte counts, verdicts follow the HBM size, suggestions appear when it does not fit; topology names;
 the CLI sets up its own fake devices."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 
 from configs.base import get_base_config
 from dapo_jax import plan as planner
+from dapo_jax.runtime import cross_lowering
 from dapo_jax.runtime.topology import GB, GIB, custom_topology, parse_topology
 
 # Qwen2.5-0.5B by hand (config.json: vocab 151936, hidden 896, mlp 4864, 24 layers, 14 heads, 2 KV
@@ -41,9 +43,10 @@ def _small_config():
 
 @pytest.fixture(scope="module")
 def result():
-    """The default: packed token-budget micro-batches."""
+    """The default: packed token-budget micro-batches, on a named TPU topology (8 chips x 16 GiB),
+    so the steps are also lowered for TPU."""
     assert len(jax.devices()) >= 8
-    return planner.plan(_small_config(), devices=8, hbm_gib=16)
+    return planner.plan(_small_config(), "v5e-8")
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +135,32 @@ def test_sixteen_gib_fits_with_headroom_from_the_peak(result):
     assert m.train_peak_bytes == max(m.train.total_bytes + m.analytic.opt_state,
                                      m.apply.total_bytes)
     assert result.peak_bytes == max(m.train_peak_bytes, m.rollout_peak_bytes)
+
+
+def test_named_tpu_topology_lowers_both_steps_with_the_tpu_kernels(result):
+    train, decode = result.measurement.lowered
+    assert train.ok and decode.ok and not result.lowering_failed
+    assert (train.name, train.platform, decode.name) == ("train gradient step", "tpu", "decode step")
+    # Splash attention (forward with residuals, fused dK/dV backward) on TPU; head_dim 64 keeps
+    # decode on the XLA page loop (the ragged kernel needs multiples of 128).
+    assert set(train.kernels) == {"splash_mqa_fwd_segmented_residuals",
+                                  "splash_mqa_dkv_segmented_no_residuals"}
+    assert decode.kernels == ()
+    report = planner.format_report(result)
+    assert "lowered for TPU v5 lite (tpu, abstract data=1 fsdp=8 tensor=1 mesh" in report
+    assert "train gradient step: ok in" in report and "decode step: ok in" in report
+    # A custom topology names no platform: nothing to lower for.
+    assert planner.assess(result.measurement, custom_topology(8, 16)).fits
+
+
+def test_a_step_that_does_not_lower_is_reported_and_fails_the_plan(result):
+    broken = cross_lowering.LoweredProgram("decode step", "tpu", 0.1,
+                                           error="ValueError: the kernel rejects this shape")
+    m = dataclasses.replace(result.measurement, lowered=(result.measurement.lowered[0], broken))
+    verdict = planner.assess(m, parse_topology("v5e-8"))
+    assert verdict.lowering_failed and verdict.fits  # memory and lowering are separate verdicts
+    assert ("decode step: FAILED (ValueError: the kernel rejects this shape); it would fail on "
+            "v5e-8 too") in planner.format_report(verdict)
 
 
 def test_too_small_hbm_does_not_fit_and_suggests_savings(result):

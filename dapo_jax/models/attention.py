@@ -32,12 +32,23 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("dense", "blockwise", "splash", "pallas_gpu")
 CHOICES = ("auto",) + IMPLEMENTATIONS
 _AUTO = {"tpu": "splash", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}
+_GPU_NAMES = frozenset({"gpu", "cuda", "rocm"})
 _MASK_VALUE = -1e30  # finite: a fully masked row never produces inf - inf = NaN
 DEFAULT_BLOCK = 512
 
 
+def target_platform() -> str:
+    """The platform programs are traced for: the abstract device of jax's context mesh when one is
+    set (`jax.sharding.use_abstract_mesh` with an `AbstractDevice`, as for lowering TPU or GPU
+    programs on a CPU), else jax's default backend. Kernel choices and Pallas interpret mode follow
+    it, so a CPU can lower exactly the program a TPU or GPU would run."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    platform = device.platform if device is not None else jax.default_backend()
+    return platform.lower()
+
+
 def resolve_attention(name: str, platform: str | None = None) -> str:
-    """The implementation `name` selects on `platform` (default: jax's default backend).
+    """The implementation `name` selects on `platform` (default: `target_platform()`).
 
     "auto" is "splash" on TPU, "pallas_gpu" on GPU and "blockwise" elsewhere (CPU).
     """
@@ -45,7 +56,7 @@ def resolve_attention(name: str, platform: str | None = None) -> str:
         raise ValueError(f"model.attention must be one of {CHOICES}, got {name!r}")
     if name != "auto":
         return name
-    platform = (platform or jax.default_backend()).lower()
+    platform = (platform or target_platform()).lower()
     return _AUTO.get(platform, "blockwise")
 
 
@@ -69,8 +80,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     `q_segment_ids` [B,T] / `kv_segment_ids` [B,S] (int, 0 = padding); `q_positions` [B,T] and
     `kv_positions` [B,S] are causal indices (default: 0..T-1 and 0..S-1, i.e. self-attention).
     `implementation` is one of `IMPLEMENTATIONS` (resolve "auto" with `resolve_attention` first);
-    `interpret` runs the Pallas kernels in interpret mode; by default they do when jax's backend is
-    not the kernel's platform (a forced "splash" on CPU runs, slowly, for tests).
+    `interpret` runs the Pallas kernels in interpret mode; by default they do when
+    `target_platform()` is not the kernel's platform (a forced "splash" on CPU runs, slowly, for
+    tests).
     """
     b, t, h, hd = q.shape
     s, kvh = k.shape[1], k.shape[2]
@@ -97,10 +109,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         return _blockwise(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
                           min(block_size, s))
     if implementation == "splash":
-        interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+        interpret = target_platform() != "tpu" if interpret is None else interpret
         return _splash(q, k, v, q_segment_ids, interpret=interpret)
     if implementation == "pallas_gpu":
-        interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+        interpret = target_platform() not in _GPU_NAMES if interpret is None else interpret
         return _pallas_gpu(q, k, v, q_segment_ids, interpret=interpret)
     raise ValueError(f"unknown attention implementation {implementation!r}; choose one of "
                      f"{IMPLEMENTATIONS}")
@@ -420,7 +432,7 @@ def resolve_paged_decode(attention: str, head_dim: int, platform: str | None = N
     TPU kernel ("splash") on a TPU and the head dim is a multiple of 128 (the kernel's lane width;
     Qwen2.5-0.5B's 64 is not); "xla" (`paged_decode_attention`'s page loop) everywhere else.
     """
-    platform = (platform or jax.default_backend()).lower()
+    platform = (platform or target_platform()).lower()
     if platform == "tpu" and resolve_attention(attention, platform) == "splash" \
             and head_dim % 128 == 0:
         return "ragged_tpu"
@@ -572,7 +584,7 @@ def score_block_bytes(implementation: str, rows: int, heads: int, seq: int,
     return 0  # the kernels keep their score tiles in on-chip memory
 
 
-__all__ = ["CHOICES", "IMPLEMENTATIONS", "resolve_attention", "dot_product_attention",
-           "dense_attention", "attention_mask", "score_block_bytes", "paged_decode_attention",
-           "PAGED_BLOCK_TOKENS", "PAGED_IMPLEMENTATIONS", "resolve_paged_decode",
-           "segment_local_attention"]
+__all__ = ["CHOICES", "IMPLEMENTATIONS", "target_platform", "resolve_attention",
+           "dot_product_attention", "dense_attention", "attention_mask", "score_block_bytes",
+           "paged_decode_attention", "PAGED_BLOCK_TOKENS", "PAGED_IMPLEMENTATIONS",
+           "resolve_paged_decode", "segment_local_attention"]

@@ -81,6 +81,17 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
         return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
+def mesh_platform(mesh: Mesh | jax.sharding.AbstractMesh) -> str:
+    """The platform ("cpu", "gpu", "tpu") of a mesh's devices, or of an abstract mesh's
+    `abstract_device` (a mesh traced for hardware this process does not have)."""
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        if mesh.abstract_device is None:
+            raise ValueError("an AbstractMesh without an abstract_device has no platform; build it "
+                             "with abstract_device=jax.sharding.AbstractDevice(...)")
+        return mesh.abstract_device.platform
+    return mesh.devices.flat[0].platform
+
+
 def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int] | None = None,
                     mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None
                     ) -> PartitionSpec:

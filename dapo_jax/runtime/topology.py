@@ -27,18 +27,21 @@ class Generation:
     chips_per_host: int
     name_counts: str  # "cores" (v4-N, v5p-N), "chips" (v5e-N, v6e-N) or "gpus" (h100-80gb-xN)
     single_host_max: int = 0  # chips a single host carries when the slice is that small
+    device_kind: str = ""  # what jax.devices()[0].device_kind says on this hardware
 
 
 # Cloud TPU system-architecture pages (HBM per chip, TensorCores per chip, chips per host VM) and
 # NVIDIA data sheets. v5e / v6e hosts carry 8 chips in single-host slices, 4 per host beyond that.
 GENERATIONS: dict[str, Generation] = {
-    "v4": Generation("tpu", 32 * GIB, 2, 4, "cores"),
-    "v5e": Generation("tpu", 16 * GIB, 1, 4, "chips", single_host_max=8),
-    "v5p": Generation("tpu", 95 * GIB, 2, 4, "cores"),
-    "v6e": Generation("tpu", 32 * GIB, 1, 4, "chips", single_host_max=8),
-    "h100-80gb": Generation("gpu", 80 * GIB, 1, 8, "gpus"),
-    "h200": Generation("gpu", 141 * GB, 1, 8, "gpus"),
-    "a100-80gb": Generation("gpu", 80 * GIB, 1, 8, "gpus"),
+    "v4": Generation("tpu", 32 * GIB, 2, 4, "cores", device_kind="TPU v4"),
+    "v5e": Generation("tpu", 16 * GIB, 1, 4, "chips", single_host_max=8,
+                      device_kind="TPU v5 lite"),
+    "v5p": Generation("tpu", 95 * GIB, 2, 4, "cores", device_kind="TPU v5"),
+    "v6e": Generation("tpu", 32 * GIB, 1, 4, "chips", single_host_max=8,
+                      device_kind="TPU v6 lite"),
+    "h100-80gb": Generation("gpu", 80 * GIB, 1, 8, "gpus", device_kind="NVIDIA H100 80GB HBM3"),
+    "h200": Generation("gpu", 141 * GB, 1, 8, "gpus", device_kind="NVIDIA H200"),
+    "a100-80gb": Generation("gpu", 80 * GIB, 1, 8, "gpus", device_kind="NVIDIA A100-SXM4-80GB"),
 }
 ALIASES = {"v5litepod": "v5e"}
 KNOWN_FORMS = ("v4-N (N TensorCores, 2 per chip)", "v5e-N / v5litepod-N (N chips)",
@@ -56,6 +59,7 @@ class Topology:
     hbm_bytes: int
     cores_per_chip: int
     hosts: int
+    device_kind: str = ""  # the chips' JAX device_kind ("" for a custom topology)
 
     @property
     def hbm_gib(self) -> float:
@@ -94,7 +98,7 @@ def parse_topology(name: str) -> Topology:
     per_host = gen.single_host_max if chips <= gen.single_host_max else gen.chips_per_host
     hosts = -(-chips // per_host)
     return Topology(name=key, kind=gen.kind, chips=chips, hbm_bytes=gen.hbm_bytes,
-                    cores_per_chip=gen.cores_per_chip, hosts=hosts)
+                    cores_per_chip=gen.cores_per_chip, hosts=hosts, device_kind=gen.device_kind)
 
 
 def custom_topology(devices: int, hbm_gib: float) -> Topology:

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dapo_jax.runtime.host_transfer import tree_to_host
 from dapo_jax.models.config import ModelConfig
 from dapo_jax.models.qwen2 import Params, decoder_apply, jnp_dtype
-from dapo_jax.models.sharding import DEFAULT_RULES, make_mesh, named_sharding
+from dapo_jax.models.sharding import DEFAULT_RULES, make_mesh, mesh_platform, named_sharding
 from dapo_jax.sampler.decode_layout import DecodeLayout, resolve_decode_layout
 from dapo_jax.sampler.sampling import SamplingParams, sample_tokens
 
@@ -118,8 +118,7 @@ class Engine:
         self.pad_token_id = int(pad_token_id)
         self.cache_dtype = cache_dtype or model_config.dtype
         self.buckets = prefill_buckets(self._max_prefill, min_prefill_bucket)
-        self.decode_layout = resolve_decode_layout(decode_layout,
-                                                   self.mesh.devices.flat[0].platform)
+        self.decode_layout = resolve_decode_layout(decode_layout, mesh_platform(self.mesh))
         self.param_shardings = self.decode_layout.shardings(model_config, self.mesh, self.rules)
         self.state_shardings = self._state_shardings()
         self._replicated = NamedSharding(self.mesh, PartitionSpec())

@@ -1,0 +1,120 @@
+"""Lowering the trainer's and sampler's programs for TPUs and GPUs this machine does not have.
+
+JAX traces a program for the platform of its context mesh's abstract device and lowers it for any
+platform (`Traced.lower(lowering_platforms=...)`); Pallas lowers its TPU (Mosaic) and GPU (Triton)
+kernels in Python. So a CPU can build the StableHLO a TPU slice or a GPU host would compile, with
+the kernels the model picks there (splash attention and the ragged paged decode kernel on TPU,
+Pallas flash attention on GPU), and catch what would fail on the hardware (a kernel that rejects a
+shape, a sharding that does not divide) before a job is submitted. What lowering does not cover:
+the accelerator's own compiler (XLA:TPU / XLA:GPU buffer assignment, Mosaic and Triton code
+generation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import time
+from typing import Callable, Iterator, Mapping
+
+import jax
+from jax.sharding import AbstractDevice, AbstractMesh
+
+from dapo_jax.models.sharding import MESH_AXES
+
+# The custom-call target each platform's Pallas kernels lower to.
+KERNEL_TARGETS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+_KERNEL_NAME = {"tpu": re.compile(r'kernel_name = "([^"]+)"'),
+                "cuda": re.compile(r', name = "([\w.]+)", num_stages')}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweredProgram:
+    """One program lowered for an accelerator: the Pallas kernels it calls, or why it failed."""
+
+    name: str
+    platform: str  # the lowering platform: "tpu" or "cuda"
+    seconds: float
+    kernels: tuple[str, ...] = ()  # distinct Pallas kernel names, sorted
+    kernel_calls: int = 0  # custom calls to them in the module (a scanned layer counts once)
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True when the program lowered."""
+        return not self.error
+
+
+def lowering_platform(platform: str) -> str:
+    """The name `lowering_platforms` takes for a device platform ("gpu" lowers as "cuda")."""
+    platform = platform.lower()
+    return "cuda" if platform == "gpu" else platform
+
+
+def abstract_mesh(sizes: Mapping[str, int], device_kind: str, platform: str,
+                  num_cores: int | None = None) -> AbstractMesh:
+    """A ('data', 'fsdp', 'tensor') mesh of `sizes` over abstract `device_kind` devices."""
+    return AbstractMesh(tuple(int(sizes[a]) for a in MESH_AXES), MESH_AXES,
+                        abstract_device=AbstractDevice(device_kind, num_cores, platform))
+
+
+@contextlib.contextmanager
+def _ragged_kernel_generation(device_kind: str) -> Iterator[None]:
+    """jax's ragged paged attention kernel picks its block sizes from the TPU generation, which
+    it reads from `jax.devices()` rather than the abstract mesh: answer from `device_kind`."""
+    try:
+        from jax.experimental.pallas.ops.tpu.ragged_paged_attention import tuned_block_sizes as tb
+    except ImportError:  # a jax without the kernel: the model never picks it
+        yield
+        return
+    kind = device_kind.removesuffix(" lite")
+    version = int(kind[-1]) if kind.startswith("TPU v") and kind[-1].isdigit() else -1
+    saved = tb.get_tpu_version, tb.get_device_name
+    tb.get_tpu_version = lambda: version
+    tb.get_device_name = lambda num_devices=None: (" ".join(device_kind.split()[:2])
+                                                   + (f"-{num_devices}" if num_devices else ""))
+    try:
+        yield
+    finally:
+        tb.get_tpu_version, tb.get_device_name = saved
+
+
+@contextlib.contextmanager
+def tracing_for(mesh: AbstractMesh) -> Iterator[None]:
+    """Traces programs (kernel choices, Pallas interpret mode, TPU generation) for `mesh`'s
+    abstract device instead of this process's backend."""
+    device = mesh.abstract_device
+    if device is None:
+        raise ValueError("tracing for another platform needs an AbstractMesh with an "
+                         "abstract_device; build it with `abstract_mesh`")
+    with jax.sharding.use_abstract_mesh(mesh):
+        if device.platform == "tpu":
+            with _ragged_kernel_generation(device.device_kind):
+                yield
+        else:
+            yield
+
+
+def lower(name: str, trace: Callable[[], jax.stages.Traced], mesh: AbstractMesh
+          ) -> LoweredProgram:
+    """Traces `trace()` for `mesh`'s abstract device and lowers it for that platform; a failure
+    is returned (as `error`), not raised, so a report can list every program."""
+    platform = lowering_platform(mesh.abstract_device.platform)
+    t0 = time.perf_counter()
+    try:
+        with tracing_for(mesh):
+            text = trace().lower(lowering_platforms=(platform,)).as_text()
+    except Exception as e:  # noqa: BLE001 - reported with the program's name
+        message = str(e).strip().splitlines()
+        return LoweredProgram(name, platform, time.perf_counter() - t0,
+                              error=f"{type(e).__name__}: {message[0] if message else ''}")
+    target = KERNEL_TARGETS.get(platform)
+    calls = text.count(f"custom_call @{target}(") if target else 0
+    pattern = _KERNEL_NAME.get(platform)
+    kernels = tuple(sorted(set(pattern.findall(text)))) if pattern else ()
+    return LoweredProgram(name, platform, time.perf_counter() - t0, kernels, calls)
+
+
+__all__ = ["KERNEL_TARGETS", "LoweredProgram", "lowering_platform", "abstract_mesh",
+           "tracing_for", "lower"]
