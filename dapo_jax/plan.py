@@ -827,8 +827,9 @@ def _lowering_lines(m: Measurement, t: Topology) -> list[str]:
         if not p.ok:
             lines.append(f"  {p.name}: FAILED ({p.error}); it would fail on {t.name} too")
         elif p.kernels:
+            sites = f"{p.kernel_calls} call site" + ("s" if p.kernel_calls != 1 else "")
             lines.append(f"  {p.name}: ok in {p.seconds:.1f} s; Pallas kernels "
-                         f"{', '.join(p.kernels)} ({p.kernel_calls} call sites)")
+                         f"{', '.join(p.kernels)} ({sites})")
         else:
             lines.append(f"  {p.name}: ok in {p.seconds:.1f} s; XLA only (no Pallas kernel)")
     return lines
