@@ -156,6 +156,20 @@ MUTATIONS = (
         "if False:",
         ("tests/test_accelerator_checks.py"
          "::test_stages_that_do_not_fit_the_budget_are_skipped_and_named",)),
+    Mutation(
+        "kernel_choice_ignores_the_abstract_device",
+        "kernels are chosen for this process's backend, so lowering for a TPU checks the CPU path",
+        "dapo_jax/models/attention.py",
+        "platform = device.platform if device is not None else jax.default_backend()",
+        "platform = jax.default_backend()",
+        ("tests/test_cross_lowering.py",)),
+    Mutation(
+        "pallas_kernels_interpreted_when_lowering_for_their_platform",
+        "the Pallas GPU kernel runs in interpret mode unless this process has a GPU backend",
+        "dapo_jax/models/attention.py",
+        "interpret = target_platform() not in _GPU_NAMES if interpret is None else interpret",
+        'interpret = jax.default_backend() != "gpu" if interpret is None else interpret',
+        ("tests/test_cross_lowering.py",)),
 )
 
 
