@@ -19,7 +19,7 @@ import time
 from typing import Callable, Iterator, Mapping
 
 import jax
-from jax.sharding import AbstractDevice, AbstractMesh
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from dapo_jax.models.sharding import MESH_AXES
 
@@ -54,8 +54,10 @@ def lowering_platform(platform: str) -> str:
 
 def abstract_mesh(sizes: Mapping[str, int], device_kind: str, platform: str,
                   num_cores: int | None = None) -> AbstractMesh:
-    """A ('data', 'fsdp', 'tensor') mesh of `sizes` over abstract `device_kind` devices."""
+    """A ('data', 'fsdp', 'tensor') mesh of `sizes` over abstract `device_kind` devices, with
+    `models.sharding.make_mesh`'s axis types (Auto: shardings named at jit boundaries)."""
     return AbstractMesh(tuple(int(sizes[a]) for a in MESH_AXES), MESH_AXES,
+                        axis_types=(AxisType.Auto,) * len(MESH_AXES),
                         abstract_device=AbstractDevice(device_kind, num_cores, platform))
 
 
