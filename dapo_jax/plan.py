@@ -22,6 +22,7 @@ the rollout phase is the decode step plus the train state, and the train phase i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -41,7 +42,7 @@ from dapo_jax.models import hf_checkpoint
 from dapo_jax.models.attention import score_block_bytes
 from dapo_jax.models.config import ModelConfig
 from dapo_jax.models.qwen2 import jnp_dtype, param_shapes
-from dapo_jax.models.sharding import MESH_AXES, make_mesh, named_sharding
+from dapo_jax.models.sharding import MESH_AXES, make_mesh, mesh_platform, named_sharding
 from dapo_jax.sampler import KVPoolPlan, PagedEngine, build_engine, kv_pool_plan
 from dapo_jax.sampler.engine import Engine
 from dapo_jax.runtime import cross_lowering
@@ -52,6 +53,27 @@ from dapo_jax.training.update import (METRIC_SUMS, PACKED_FIELDS, batch_spec, bu
                                       build_packed_grad_fn, build_update_fn)
 
 TIGHT_HEADROOM = 0.10  # below this the verdict warns: TPU temporaries can exceed XLA:CPU's
+
+
+class OutOfMemory(RuntimeError):
+    """XLA:TPU refused to compile a step: it needs more than one chip's HBM. (XLA:CPU has no
+    limit, so the CPU plan gives the breakdown and suggestions.)"""
+
+    def __init__(self, step: str, topology: Topology, message: str):
+        super().__init__(f"XLA:TPU: the {step} does not fit one chip of {topology.name} "
+                         f"({topology.hbm_gib:.1f} GiB): {message}")
+        self.step = step
+
+
+def _compile_step(step: str, topology: Topology | None, fn):
+    """`fn()`, with XLA:TPU's out-of-memory refusal turned into `OutOfMemory` for `step`."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - jax raises its runtime error type for this
+        text = str(e)
+        if topology is None or "RESOURCE_EXHAUSTED" not in text:
+            raise
+        raise OutOfMemory(step, topology, text.strip().splitlines()[0]) from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,6 +181,7 @@ class Measurement:
     # The train and decode steps lowered for the topology's TPU/GPU on an abstract mesh of its
     # chips, with the kernels the model picks there (empty for a custom topology).
     lowered: tuple[LoweredProgram, ...] = ()
+    compiler: str = "XLA:CPU"  # what compiled the steps: "XLA:CPU" (fake devices) or "XLA:TPU"
 
     @property
     def train_peak_bytes(self) -> int:
@@ -536,7 +559,7 @@ def compile_decode_step(config, cfg: ModelConfig, mesh: Mesh, shapes: Shapes) ->
 
     compiled = compile_with_cache(shapes.cache_dtype)
     upcast = 0
-    if shapes.cache_dtype != "float32":
+    if shapes.cache_dtype != "float32" and mesh_platform(mesh) == "cpu":
         # A float32 cache needs no conversion, so its temporaries are the step's own; the excess
         # of the bf16 compile over them is XLA:CPU's float32 round trip of the cache.
         plain = compile_with_cache("float32").memory_analysis().temp_size_in_bytes
@@ -572,18 +595,32 @@ def lower_for_topology(config, cfg: ModelConfig, shapes: Shapes, tx, topology: T
 
 
 def measure(config, devices: Sequence[jax.Device] | None = None, *,
-            lower_for: Topology | None = None) -> Measurement:
+            lower_for: Topology | None = None, topology: Topology | None = None) -> Measurement:
     """Compiles both steps for `config` on `devices` (default: all) and computes analytic bytes;
-    with `lower_for`, also lowers them for that topology's accelerator (`lower_for_topology`)."""
+    with `lower_for`, also lowers them for that topology's accelerator (`lower_for_topology`).
+
+    `devices` may be a TPU slice's (`cross_lowering.tpu_topology_devices`, `topology`): XLA:TPU
+    then compiles the steps, with the TPU kernels, on this machine, and raises `OutOfMemory` for a
+    step that does not fit a chip."""
     devices = list(devices if devices is not None else jax.devices())
     cfg = model_config(config)
     mesh = make_mesh({a: int(config.mesh[a]) for a in MESH_AXES}, devices=devices)
     shapes = planned_shapes(config, cfg, mesh)
     micro = shapes.micro_batch_size
     tx, _ = experiment.optimizer(config)
-    train = compile_train_step(config, cfg, mesh, shapes, tx)
-    apply = compile_apply_step(cfg, mesh, tx) if shapes.packing else None
-    decode = compile_decode_step(config, cfg, mesh, shapes)
+    platform = mesh_platform(mesh)
+    # Kernel choices follow the mesh's platform, not this process's (CPU) backend.
+    target = (contextlib.nullcontext() if platform == jax.default_backend()
+              else cross_lowering.compiling_for(mesh.abstract_mesh))
+    tpu = topology if platform == "tpu" else None
+    train_name = "train gradient step" if shapes.packing else "train update step"
+    with target:
+        train = _compile_step(train_name, tpu,
+                              lambda: compile_train_step(config, cfg, mesh, shapes, tx))
+        apply = (_compile_step("optimizer step", tpu, lambda: compile_apply_step(cfg, mesh, tx))
+                 if shapes.packing else None)
+        decode = _compile_step("decode step", tpu,
+                               lambda: compile_decode_step(config, cfg, mesh, shapes))
     alternatives = {}
     for label, shape in _candidate_meshes(mesh, cfg, micro).items():
         alt_mesh = make_mesh(shape, devices=devices)
@@ -592,7 +629,7 @@ def measure(config, devices: Sequence[jax.Device] | None = None, *,
     lowered = lower_for_topology(config, cfg, shapes, tx, lower_for) if lower_for else ()
     return Measurement(shapes=shapes, model=cfg, train=train, decode=decode,
                        analytic=analytic(cfg, mesh, shapes, tx), alternatives=alternatives,
-                       apply=apply, lowered=lowered)
+                       apply=apply, lowered=lowered, compiler=f"XLA:{platform.upper()}")
 
 
 def planned_shapes(config, cfg: ModelConfig, mesh: Mesh) -> Shapes:
@@ -778,14 +815,34 @@ def _topology(topology: Topology | str | None, devices: int | None, hbm_gib: flo
     return custom_topology(devices, hbm_gib)
 
 
+COMPILERS = ("auto", "cpu", "tpu")
+
+
+def resolve_compiler(compiler: str, topology: Topology) -> str:
+    """"cpu" or "tpu": what compiles the steps. "auto" is XLA:TPU (deviceless) for a TPU slice
+    with a power-of-two chip count when libtpu is installed, XLA:CPU on fake devices otherwise."""
+    if compiler not in COMPILERS:
+        raise UserError(f"--compiler must be one of {COMPILERS}, got {compiler!r}")
+    if compiler != "auto":
+        return compiler
+    grid_ok = topology.kind == "tpu" and topology.chips & (topology.chips - 1) == 0
+    return "tpu" if grid_ok and cross_lowering.libtpu_installed() else "cpu"
+
+
 def plan(config, topology: Topology | str | None = None, *, devices: int | None = None,
-         hbm_gib: float | None = None, lower: bool = True) -> PlanResult:
+         hbm_gib: float | None = None, lower: bool = True, compiler: str = "auto") -> PlanResult:
     """Compiles `config`'s train and decode steps for the topology's chips and judges the fit.
 
-    Uses the first `chips` JAX devices already present (fake CPU devices; the CLI creates them).
-    With `lower` (and a named TPU/GPU topology) the steps are also lowered for that accelerator.
+    `compiler` (`resolve_compiler`): "tpu" compiles with XLA:TPU for the slice's own devices
+    (libtpu, no TPU needed); "cpu" uses the first `chips` JAX devices already present (fake CPU
+    devices; the CLI creates them). With `lower` (and a named TPU/GPU topology) the steps are also
+    lowered for that accelerator, naming the kernels each calls.
     """
     topo = _topology(topology, devices, hbm_gib)
+    if resolve_compiler(compiler, topo) == "tpu":
+        slice_devices = cross_lowering.tpu_topology_devices(topo)
+        return assess(measure(config, slice_devices, lower_for=topo if lower else None,
+                              topology=topo), topo)
     available = jax.devices()
     if len(available) < topo.chips:
         raise ValueError(
@@ -864,7 +921,8 @@ def format_report(result: PlanResult) -> str:
         batch_line,
         _decode_line(s, m.model),
         f"compile time: train {step_name} {m.train.compile_seconds:.1f} s, decode step "
-        f"{m.decode.compile_seconds:.1f} s (lower + compile on XLA:CPU)",
+        f"{m.decode.compile_seconds:.1f} s (lower + compile on {m.compiler}"
+        f"{', deviceless: libtpu, no TPU' if m.compiler == 'XLA:TPU' else ''})",
         *_lowering_lines(m, t),
         "",
         f"{'per device, GiB':<52}{'XLA':>9}{'analytic':>10}",
@@ -898,9 +956,9 @@ def format_report(result: PlanResult) -> str:
         f"{'':>9}{g(a.kv_cache):>10}",
         f"{'  = decode arguments (sampler params + decode state)':<52}"
         f"{g(m.decode.argument_bytes)}{g(a.sampler_params + a.decode_state):>10}",
-        f"{'  decode temporaries (XLA:CPU)':<52}{g(m.decode.temp_bytes)}",
-        f"{'    minus float32 copies of the KV cache (CPU only)':<52}"
-        f"{g(-m.decode.cpu_only_bytes)}",
+        f"{'  decode temporaries (' + m.compiler + ')':<52}{g(m.decode.temp_bytes)}",
+        *([f"{'    minus float32 copies of the KV cache (CPU only)':<52}"
+           f"{g(-m.decode.cpu_only_bytes)}"] if m.compiler == "XLA:CPU" else []),
         f"{'  prompt prefixes held for insert (2)':<52}{'':>9}{g(a.prefill_prefixes):>10}",
         f"{'  outputs not aliased to donated inputs':<52}"
         f"{g(m.decode.output_bytes - m.decode.alias_bytes)}",
@@ -915,8 +973,9 @@ def format_report(result: PlanResult) -> str:
                      f"layer at {rows} row(s) of {s.train_seq} tokens (model.attention="
                      f"{m.model.attention!r}; 'auto' never materialises [T, T] scores)")
     if result.fits and result.headroom < TIGHT_HEADROOM:
-        lines.append(f"warning: less than {100 * TIGHT_HEADROOM:.0f}% headroom; the TPU/GPU "
-                     "compiler's temporaries can differ from XLA:CPU's")
+        why = ("the runtime reserves and fragments some HBM" if m.compiler == "XLA:TPU" else
+               "the TPU/GPU compiler's temporaries can differ from XLA:CPU's")
+        lines.append(f"warning: less than {100 * TIGHT_HEADROOM:.0f}% headroom; {why}")
     hbm = t.hbm_bytes
     for phase, peak in (("train", m.train_peak_bytes), ("rollout", m.rollout_peak_bytes)):
         if peak > hbm:
@@ -928,9 +987,17 @@ def format_report(result: PlanResult) -> str:
             lines.append(f"  {x.phase:<8}{x.action}: -{_gib(x.saves_bytes)}{note}")
     elif not result.fits:
         lines.append("no configuration knob lowers memory enough; use a larger topology")
-    lines += ["", "note: arguments follow exactly from shapes and shardings; temporaries are "
-              "XLA:CPU's buffer assignment and TPU/GPU numbers differ somewhat (the float32 KV "
-              "cache copies XLA:CPU makes for bf16 scatters are left out of the totals). The "
+    if m.compiler == "XLA:TPU":
+        source = (f"arguments follow from shapes and shardings (XLA:TPU pads small minor "
+                  f"dimensions to its memory tiles, so its column can exceed the analytic one); "
+                  f"XLA:TPU compiled both steps ahead of time for {t.name}'s {t.chips} chips "
+                  "(libtpu on this machine, no TPU), so temporaries are the TPU compiler's own "
+                  "buffer assignment and the kernels were compiled by Mosaic")
+    else:
+        source = ("arguments follow exactly from shapes and shardings; temporaries are XLA:CPU's "
+                  "buffer assignment and TPU/GPU numbers differ somewhat (the float32 KV cache "
+                  "copies XLA:CPU makes for bf16 scatters are left out of the totals)")
+    lines += ["", f"note: {source}. The "
               "rollout phase keeps the train state on device; the trainer frees the sampler's weights "
               "and KV cache before the update, so the train phase is the update step alone."]
     return "\n".join(lines)
@@ -966,9 +1033,28 @@ def main(argv: Sequence[str]) -> None:
         raise UserError(f"unexpected arguments {argv[1:]}; flags look like --topology=v5p-128")
     if f.config is None:
         raise UserError("--config is required, e.g. --config configs/dapo_qwen2_5_32b.py")
-    _ensure_fake_devices(_topology(f.topology or None, f.devices, f.hbm_gib).chips)
-    result = plan(f.config, f.topology or None, devices=f.devices, hbm_gib=f.hbm_gib,
-                  lower=f.lower)
+    topology = _topology(f.topology or None, f.devices, f.hbm_gib)
+    compiler = resolve_compiler(f.compiler, topology)
+    if compiler == "cpu":
+        _ensure_fake_devices(topology.chips)
+    else:
+        # The slice's devices come from libtpu's topology description; this process's own backend
+        # stays the CPU (with libtpu installed jax would otherwise look for a local TPU first).
+        jax.config.update("jax_platforms", "cpu")
+    try:
+        result = plan(f.config, f.topology or None, devices=f.devices, hbm_gib=f.hbm_gib,
+                      lower=f.lower, compiler=compiler)
+    except OutOfMemory as e:
+        if f.compiler == "tpu":
+            raise UserError(f"{e}; rerun with --compiler=cpu for the per-device breakdown and "
+                            "suggestions") from None
+        # XLA:CPU compiles whatever the size: it gives the breakdown and the suggestions.
+        print(f"{e}\nDOES NOT FIT. The breakdown and suggestions below come from XLA:CPU on fake "
+              "devices (--compiler=cpu).\n", flush=True)
+        sys.argv = [a for a in sys.argv if not a.startswith("--compiler")] + ["--compiler=cpu"]
+        _ensure_fake_devices(topology.chips)
+        result = plan(f.config, f.topology or None, devices=f.devices, hbm_gib=f.hbm_gib,
+                      lower=f.lower, compiler="cpu")
     print(format_report(result))
     if result.lowering_failed:
         sys.exit(1)
@@ -982,6 +1068,11 @@ def _define_flags() -> None:
     flags.DEFINE_string("topology", None, "accelerator, e.g. v5p-128, v5litepod-16, h100-80gb-x8")
     flags.DEFINE_integer("devices", None, "device count (with --hbm_gib) instead of --topology")
     flags.DEFINE_float("hbm_gib", None, "HBM per device in GiB (with --devices)")
+    flags.DEFINE_enum("compiler", "auto", list(COMPILERS),
+                      "what compiles the steps: 'tpu' = XLA:TPU for the slice's own devices, ahead "
+                      "of time on this machine (needs libtpu: pip install "
+                      f"'{cross_lowering.LIBTPU_REQUIREMENT}'); 'cpu' = XLA:CPU on one fake device "
+                      "per chip; 'auto' = tpu for a TPU slice when libtpu is installed, else cpu")
     flags.DEFINE_bool("lower", True, "also lower the train and decode steps for a named TPU/GPU "
                       "topology's platform (its Pallas kernels included) on an abstract mesh of its "
                       "chips; exit status 1 when one does not lower")

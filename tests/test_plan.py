@@ -13,7 +13,8 @@ import pytest
 from configs.base import get_base_config
 from dapo_jax import plan as planner
 from dapo_jax.runtime import cross_lowering
-from dapo_jax.runtime.topology import GB, GIB, custom_topology, parse_topology
+from dapo_jax.runtime.cli_errors import UserError
+from dapo_jax.runtime.topology import GB, GIB, chip_grid, custom_topology, parse_topology
 
 # Qwen2.5-0.5B by hand (config.json: vocab 151936, hidden 896, mlp 4864, 24 layers, 14 heads, 2 KV
 # heads, head_dim 64, tied embeddings, QKV bias): per layer q 896*896+896, k and v 896*128+128 each,
@@ -43,10 +44,10 @@ def _small_config():
 
 @pytest.fixture(scope="module")
 def result():
-    """The default: packed token-budget micro-batches, on a named TPU topology (8 chips x 16 GiB),
-    so the steps are also lowered for TPU."""
+    """The default: packed token-budget micro-batches, compiled by XLA:CPU on 8 fake devices for a
+    named TPU topology (8 chips x 16 GiB), so the steps are also lowered for TPU."""
     assert len(jax.devices()) >= 8
-    return planner.plan(_small_config(), "v5e-8")
+    return planner.plan(_small_config(), "v5e-8", compiler="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +164,64 @@ def test_a_step_that_does_not_lower_is_reported_and_fails_the_plan(result):
             "v5e-8 too") in planner.format_report(verdict)
 
 
+@pytest.fixture(scope="module")
+def tpu_result():
+    """The same run compiled by XLA:TPU for a v5p-8 slice (4 chips), deviceless: libtpu on the CPU."""
+    assert cross_lowering.libtpu_installed(), "requirements-test.txt installs libtpu"
+    return planner.plan(_small_config(), "v5p-8", compiler="tpu")
+
+
+def test_xla_tpu_compiles_the_steps_for_the_slice_without_a_tpu(tpu_result):
+    m = tpu_result.measurement
+    assert m.compiler == "XLA:TPU" and m.shapes.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+    # Arguments: the same buffers as the analytic count; XLA:TPU pads small minor dimensions (norms,
+    # biases) to its memory tiles, which costs under 2% here.
+    analytic = m.analytic.params + m.analytic.grad_accumulator + m.analytic.minibatch
+    assert analytic <= m.train.argument_bytes <= analytic * 1.02
+    assert m.decode.argument_bytes >= m.analytic.sampler_params + m.analytic.decode_state
+    # TPUs scatter bfloat16 in place: no float32 cache copies to leave out, no second compile.
+    assert m.decode.cpu_only_bytes == 0
+    # The update's activations live in temporaries; the TPU compiler needs them too.
+    assert m.train.temp_bytes > m.analytic.grad_accumulator / 2
+    assert tpu_result.fits and set(m.lowered[0].kernels) == {
+        "splash_mqa_fwd_segmented_residuals", "splash_mqa_dkv_segmented_no_residuals"}
+    report = planner.format_report(tpu_result)
+    assert "(lower + compile on XLA:TPU, deviceless: libtpu, no TPU)" in report
+    assert "decode temporaries (XLA:TPU)" in report and "minus float32 copies" not in report
+    assert "XLA:TPU compiled both steps ahead of time for v5p-8's 4 chips" in report
+
+
+def test_xla_tpu_refusal_names_the_step_that_does_not_fit():
+    c = _small_config()
+    c.data.max_prompt_length = c.data.max_response_length = 1024
+    c.trainer.max_tokens_per_micro_batch = 2048 * 256  # 128 full rows per chip, no remat
+    c.model.remat = "none"
+    with pytest.raises(planner.OutOfMemory, match=r"XLA:TPU: the train gradient step does not fit "
+                       r"one chip of v5p-8 \(95.0 GiB\): RESOURCE_EXHAUSTED"):
+        planner.plan(c, "v5p-8", compiler="tpu")
+
+
+def test_compiler_choice_follows_the_topology_and_libtpu():
+    assert planner.resolve_compiler("auto", parse_topology("v5p-8")) == "tpu"
+    assert planner.resolve_compiler("auto", parse_topology("v6e-32")) == "tpu"
+    assert planner.resolve_compiler("auto", parse_topology("v5p-24")) == "cpu"  # 12 chips: no grid
+    assert planner.resolve_compiler("auto", parse_topology("h100-80gb-x8")) == "cpu"
+    assert planner.resolve_compiler("auto", custom_topology(8, 16)) == "cpu"
+    assert planner.resolve_compiler("cpu", parse_topology("v5p-8")) == "cpu"
+    with pytest.raises(UserError, match="--compiler must be one of"):
+        planner.resolve_compiler("xla", parse_topology("v5p-8"))
+    with pytest.raises(UserError, match="not a TPU slice"):
+        cross_lowering.tpu_topology_devices(parse_topology("h100-80gb-x8"))
+
+
+@pytest.mark.parametrize("name,grid", [
+    ("v5p-8", (2, 2, 1)), ("v5p-32", (2, 2, 4)), ("v5p-128", (4, 4, 4)), ("v4-32", (2, 2, 4)),
+    ("v5e-8", (2, 4)), ("v5litepod-16", (4, 4)), ("v6e-256", (16, 16)),
+])
+def test_chip_grids_follow_cloud_tpu_slice_shapes(name, grid):
+    assert chip_grid(parse_topology(name)) == grid
+
+
 def test_too_small_hbm_does_not_fit_and_suggests_savings(result):
     small = planner.assess(result.measurement, custom_topology(8, 0.25))
     assert small.verdict == "DOES NOT FIT" and not small.fits and small.headroom < 0
@@ -243,7 +302,7 @@ def test_micro_batch_not_divisible_by_batch_shards_names_the_field():
 
 def test_more_chips_than_devices_is_a_clear_error():
     with pytest.raises(ValueError, match="xla_force_host_platform_device_count=64"):
-        planner.plan(_small_config(), "v5p-128")
+        planner.plan(_small_config(), "v5p-128", compiler="cpu")
 
 
 @pytest.mark.parametrize("name,chips,hbm,hosts", [
@@ -276,3 +335,20 @@ def test_cli_creates_its_own_fake_devices(tmp_path):
     assert "on 2x1GiB: 2 devices" in out.stdout
     assert "-> FITS" in out.stdout and "compile time: train gradient step" in out.stdout
 
+
+
+def test_cli_falls_back_to_xla_cpu_for_the_breakdown_when_xla_tpu_refuses(tmp_path):
+    # A named TPU slice with libtpu installed compiles with XLA:TPU ("auto"); a step too big for a
+    # chip is refused by it, so the CLI says which and re-plans on fake CPU devices for the numbers.
+    env = dict(os.environ, XLA_FLAGS="")
+    env.pop("_DAPO_PLAN_REEXEC", None)
+    args = [sys.executable, "-m", "dapo_jax.plan", "--config", "configs/toy.py", "--topology",
+            "v5e-8", "--config.data.max_prompt_length=2048", "--config.data.max_response_length=2048",
+            "--config.trainer.max_tokens_per_micro_batch=1048576"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("XLA:TPU: the train gradient step does not fit one chip of v5e-8 "
+                                 "(16.0 GiB): RESOURCE_EXHAUSTED"), out.stdout[:500]
+    assert "(lower + compile on XLA:CPU)" in out.stdout and "-> DOES NOT FIT" in out.stdout
+    assert "suggestions (estimated per-device saving" in out.stdout

@@ -8,12 +8,18 @@ Pallas flash attention on GPU), and catch what would fail on the hardware (a ker
 shape, a sharding that does not divide) before a job is submitted. What lowering does not cover:
 the accelerator's own compiler (XLA:TPU / XLA:GPU buffer assignment, Mosaic and Triton code
 generation).
+
+For TPUs the compiler is available too: with libtpu installed, `tpu_topology_devices` gives the
+devices of a whole slice (no TPU needed), and jit compiles for them with XLA:TPU ahead of time
+("deviceless" compilation): real per-device memory and real kernel compilation.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
+import os
 import re
 import time
 from typing import Callable, Iterator, Mapping
@@ -22,6 +28,11 @@ import jax
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from dapo_jax.models.sharding import MESH_AXES
+from dapo_jax.runtime.cli_errors import UserError
+from dapo_jax.runtime.topology import Topology, chip_grid
+
+# The libtpu that jax[tpu] pins for the jax in requirements.txt (jax 0.10.x).
+LIBTPU_REQUIREMENT = "libtpu==0.0.42.*"
 
 # The custom-call target each platform's Pallas kernels lower to.
 KERNEL_TARGETS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
@@ -98,6 +109,19 @@ def tracing_for(mesh: AbstractMesh) -> Iterator[None]:
             yield
 
 
+@contextlib.contextmanager
+def compiling_for(mesh: AbstractMesh) -> Iterator[None]:
+    """`tracing_for(mesh)`, with jax's persistent compilation cache off: an executable compiled
+    for devices this process does not have cannot be read back (jax warns on every such entry)."""
+    saved = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        with tracing_for(mesh):
+            yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", saved)
+
+
 def lower(name: str, trace: Callable[[], jax.stages.Traced], mesh: AbstractMesh
           ) -> LoweredProgram:
     """Traces `trace()` for `mesh`'s abstract device and lowers it for that platform; a failure
@@ -118,5 +142,40 @@ def lower(name: str, trace: Callable[[], jax.stages.Traced], mesh: AbstractMesh
     return LoweredProgram(name, platform, time.perf_counter() - t0, kernels, calls)
 
 
+def libtpu_installed() -> bool:
+    """True when libtpu (XLA:TPU) can be loaded for deviceless compilation."""
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def tpu_topology_devices(topology: Topology) -> list[jax.Device]:
+    """The devices of TPU slice `topology` (one per chip, every host's), for compiling with
+    XLA:TPU on a machine without TPUs: jit over a mesh of them compiles; nothing can run."""
+    if topology.kind != "tpu":
+        raise UserError(f"{topology.name} is not a TPU slice: deviceless compilation is for TPUs "
+                        "(plan GPUs with --compiler=cpu)")
+    if not libtpu_installed():
+        raise UserError(f"compiling for {topology.name} without a TPU needs libtpu: pip install "
+                        f"'{LIBTPU_REQUIREMENT}' (the version jax[tpu] pins for this jax), or plan "
+                        "with --compiler=cpu")
+    grid = chip_grid(topology)
+    # libtpu reads its worker identity from the environment when it loads; a planner is no TPU
+    # worker, and several planners (test workers) may load it at once.
+    for key, value in (("TPU_ACCELERATOR_TYPE", topology.name), ("TPU_WORKER_ID", "0"),
+                       ("TPU_WORKER_HOSTNAMES", "localhost"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+        os.environ.setdefault(key, value)
+    from jax.experimental.topologies import get_topology_desc
+    per_host = (2, 4, 1) if len(grid) == 2 and topology.chips == 8 else (2, 2, 1)
+    desc = get_topology_desc(
+        platform="tpu", topology_name=f"{topology.topology_prefix}:{'x'.join(map(str, grid))}",
+        chip_config_name="megacore" if topology.cores_per_chip == 2 else "default",
+        chips_per_host_bounds=per_host, num_slices=1)
+    devices = list(desc.devices)
+    if len(devices) != topology.chips:
+        raise RuntimeError(f"libtpu described {len(devices)} devices for {topology.name}, which "
+                           f"has {topology.chips} chips")
+    return devices
+
+
 __all__ = ["KERNEL_TARGETS", "LoweredProgram", "lowering_platform", "abstract_mesh",
-           "tracing_for", "lower"]
+           "tracing_for", "compiling_for", "lower", "LIBTPU_REQUIREMENT", "libtpu_installed",
+           "tpu_topology_devices"]
