@@ -4,10 +4,12 @@
     python -m dapo_jax.plan --config configs/toy.py --devices 8 --hbm_gib 16 --config.mesh.tensor=2
 
 Nothing is allocated: both steps are lowered with abstract inputs (`jax.ShapeDtypeStruct` with
-shardings) on fake CPU devices, one per chip, and XLA's `memory_analysis()` of the compiled
-per-device program gives the numbers. Argument buffers follow exactly from shapes and shardings
-(the analytic column reproduces them); temporaries are XLA:CPU's buffer assignment, which differs
-somewhat from what XLA:TPU / XLA:GPU would pick.
+shardings) and compiled, and XLA's `memory_analysis()` of the compiled per-device program gives the
+numbers. For a TPU slice with libtpu installed, XLA:TPU compiles them for the slice's own devices
+(`runtime.cross_lowering.tpu_topology_devices`: no TPU needed), so temporaries are the TPU
+compiler's; otherwise XLA:CPU compiles them on fake CPU devices, one per chip, and temporaries
+differ somewhat from what XLA:TPU / XLA:GPU would pick. Argument buffers follow from shapes and
+shardings (the analytic column reproduces them).
 
 For a named TPU or GPU topology the two steps are also lowered for that platform on an abstract
 mesh of its chips (`runtime.cross_lowering`), with the kernels the model picks there (splash
