@@ -113,13 +113,17 @@ def tracing_for(mesh: AbstractMesh) -> Iterator[None]:
 def compiling_for(mesh: AbstractMesh) -> Iterator[None]:
     """`tracing_for(mesh)`, with jax's persistent compilation cache off: an executable compiled
     for devices this process does not have cannot be read back (jax warns on every such entry)."""
+    from jax.experimental.compilation_cache import compilation_cache
+
     saved = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # jax decides once per process whether to use the cache
     try:
         with tracing_for(mesh):
             yield
     finally:
         jax.config.update("jax_enable_compilation_cache", saved)
+        compilation_cache.reset_cache()
 
 
 def lower(name: str, trace: Callable[[], jax.stages.Traced], mesh: AbstractMesh
