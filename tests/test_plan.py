@@ -166,9 +166,12 @@ def test_a_step_that_does_not_lower_is_reported_and_fails_the_plan(result):
 
 @pytest.fixture(scope="module")
 def tpu_result():
-    """The same run compiled by XLA:TPU for a v5p-8 slice (4 chips), deviceless: libtpu on the CPU."""
+    """The same run at the Qwen2.5-1.5B shape (head_dim 128: the ragged paged decode kernel),
+    compiled by XLA:TPU for a v5p-8 slice (4 chips), deviceless: libtpu on the CPU."""
     assert cross_lowering.libtpu_installed(), "requirements-test.txt installs libtpu"
-    return planner.plan(_small_config(), "v5p-8", compiler="tpu")
+    c = _small_config()
+    c.model.preset = "qwen2.5-1.5b"
+    return planner.plan(c, "v5p-8", compiler="tpu")
 
 
 def test_xla_tpu_compiles_the_steps_for_the_slice_without_a_tpu(tpu_result):
@@ -183,8 +186,11 @@ def test_xla_tpu_compiles_the_steps_for_the_slice_without_a_tpu(tpu_result):
     assert m.decode.cpu_only_bytes == 0
     # The update's activations live in temporaries; the TPU compiler needs them too.
     assert m.train.temp_bytes > m.analytic.grad_accumulator / 2
+    # Mosaic compiled both TPU kernels for the chip: splash attention in the update, ragged paged
+    # attention in decode.
     assert tpu_result.fits and set(m.lowered[0].kernels) == {
         "splash_mqa_fwd_segmented_residuals", "splash_mqa_dkv_segmented_no_residuals"}
+    assert m.lowered[1].kernels == ("ragged_paged_attention_kernel",)
     report = planner.format_report(tpu_result)
     assert "(lower + compile on XLA:TPU, deviceless: libtpu, no TPU)" in report
     assert "decode temporaries (XLA:TPU)" in report and "minus float32 copies" not in report
