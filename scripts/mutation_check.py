@@ -124,8 +124,8 @@ MUTATIONS = (
         "packed_rows_never_cut",
         "packed micro-batches keep their bucket's row length however short the samples",
         "dapo_jax/training/batching.py",
-        "for cut in layout.trimmed_lengths(row_length):",
-        "for cut in layout.trimmed_lengths(row_length)[-1:]:",
+        "for cut in layout.trimmed_lengths(bucket):",
+        "for cut in layout.trimmed_lengths(bucket)[-1:]:",
         ("tests/test_batching.py",)),
     Mutation(
         "paged_decode_merge_without_rescale",
