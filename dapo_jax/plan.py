@@ -32,7 +32,7 @@ import re
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -67,10 +67,21 @@ class OutOfMemory(RuntimeError):
         self.step = step
 
 
-def _compile_step(step: str, topology: Topology | None, fn):
-    """`fn()`, with XLA:TPU's out-of-memory refusal turned into `OutOfMemory` for `step`."""
+Progress = Callable[[str], None]
+
+
+def _compile_step(step: str, topology: Topology | None, fn, progress: Progress | None = None,
+                  compiler: str = ""):
+    """`fn()`, with XLA:TPU's out-of-memory refusal turned into `OutOfMemory` for `step`;
+    `progress` hears when it starts and how long it took (a 32B step takes minutes)."""
+    t0 = time.perf_counter()
+    if progress:
+        progress(f"compiling the {step} with {compiler}...")
     try:
-        return fn()
+        result = fn()
+        if progress:
+            progress(f"compiled the {step} in {time.perf_counter() - t0:.1f} s")
+        return result
     except Exception as e:  # noqa: BLE001 - jax raises its runtime error type for this
         text = str(e)
         if topology is None or "RESOURCE_EXHAUSTED" not in text:
@@ -597,13 +608,15 @@ def lower_for_topology(config, cfg: ModelConfig, shapes: Shapes, tx, topology: T
 
 
 def measure(config, devices: Sequence[jax.Device] | None = None, *,
-            lower_for: Topology | None = None, topology: Topology | None = None) -> Measurement:
+            lower_for: Topology | None = None, topology: Topology | None = None,
+            progress: Progress | None = None) -> Measurement:
     """Compiles both steps for `config` on `devices` (default: all) and computes analytic bytes;
     with `lower_for`, also lowers them for that topology's accelerator (`lower_for_topology`).
 
     `devices` may be a TPU slice's (`cross_lowering.tpu_topology_devices`, `topology`): XLA:TPU
     then compiles the steps, with the TPU kernels, on this machine, and raises `OutOfMemory` for a
-    step that does not fit a chip."""
+    step that does not fit a chip. `progress` (e.g. a stderr printer) hears each step's start and
+    end."""
     devices = list(devices if devices is not None else jax.devices())
     cfg = model_config(config)
     mesh = make_mesh({a: int(config.mesh[a]) for a in MESH_AXES}, devices=devices)
@@ -616,13 +629,16 @@ def measure(config, devices: Sequence[jax.Device] | None = None, *,
               else cross_lowering.compiling_for(mesh.abstract_mesh))
     tpu = topology if platform == "tpu" else None
     train_name = "train gradient step" if shapes.packing else "train update step"
+    compiler = f"XLA:{platform.upper()} for {len(devices)} devices"
     with target:
         train = _compile_step(train_name, tpu,
-                              lambda: compile_train_step(config, cfg, mesh, shapes, tx))
-        apply = (_compile_step("optimizer step", tpu, lambda: compile_apply_step(cfg, mesh, tx))
-                 if shapes.packing else None)
+                              lambda: compile_train_step(config, cfg, mesh, shapes, tx),
+                              progress, compiler)
+        apply = (_compile_step("optimizer step", tpu, lambda: compile_apply_step(cfg, mesh, tx),
+                               progress, compiler) if shapes.packing else None)
         decode = _compile_step("decode step", tpu,
-                               lambda: compile_decode_step(config, cfg, mesh, shapes))
+                               lambda: compile_decode_step(config, cfg, mesh, shapes),
+                               progress, compiler)
     alternatives = {}
     for label, shape in _candidate_meshes(mesh, cfg, micro).items():
         alt_mesh = make_mesh(shape, devices=devices)
@@ -832,26 +848,28 @@ def resolve_compiler(compiler: str, topology: Topology) -> str:
 
 
 def plan(config, topology: Topology | str | None = None, *, devices: int | None = None,
-         hbm_gib: float | None = None, lower: bool = True, compiler: str = "auto") -> PlanResult:
+         hbm_gib: float | None = None, lower: bool = True, compiler: str = "auto",
+         progress: Progress | None = None) -> PlanResult:
     """Compiles `config`'s train and decode steps for the topology's chips and judges the fit.
 
     `compiler` (`resolve_compiler`): "tpu" compiles with XLA:TPU for the slice's own devices
     (libtpu, no TPU needed); "cpu" uses the first `chips` JAX devices already present (fake CPU
     devices; the CLI creates them). With `lower` (and a named TPU/GPU topology) the steps are also
-    lowered for that accelerator, naming the kernels each calls.
+    lowered for that accelerator, naming the kernels each calls. `progress` hears each compile.
     """
     topo = _topology(topology, devices, hbm_gib)
     if resolve_compiler(compiler, topo) == "tpu":
         slice_devices = cross_lowering.tpu_topology_devices(topo)
         return assess(measure(config, slice_devices, lower_for=topo if lower else None,
-                              topology=topo), topo)
+                              topology=topo, progress=progress), topo)
     available = jax.devices()
     if len(available) < topo.chips:
         raise ValueError(
             f"{topo.name} needs {topo.chips} devices but JAX has {len(available)}: run "
             f"`python -m dapo_jax.plan` (it sets them up), or set JAX_PLATFORMS=cpu and "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={topo.chips} before importing jax")
-    return assess(measure(config, available[:topo.chips], lower_for=topo if lower else None), topo)
+    return assess(measure(config, available[:topo.chips], lower_for=topo if lower else None,
+                          progress=progress), topo)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1027,6 +1045,10 @@ def _ensure_fake_devices(count: int) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "dapo_jax.plan", *sys.argv[1:]], env)
 
 
+def _stderr(message: str) -> None:
+    print(f"plan: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str]) -> None:
     """CLI entry point (absl): plans `--config` on `--topology` or `--devices` + `--hbm_gib`."""
     from absl import flags
@@ -1045,7 +1067,7 @@ def main(argv: Sequence[str]) -> None:
         jax.config.update("jax_platforms", "cpu")
     try:
         result = plan(f.config, f.topology or None, devices=f.devices, hbm_gib=f.hbm_gib,
-                      lower=f.lower, compiler=compiler)
+                      lower=f.lower, compiler=compiler, progress=_stderr)
     except OutOfMemory as e:
         if f.compiler == "tpu":
             raise UserError(f"{e}; rerun with --compiler=cpu for the per-device breakdown and "
@@ -1056,7 +1078,7 @@ def main(argv: Sequence[str]) -> None:
         sys.argv = [a for a in sys.argv if not a.startswith("--compiler")] + ["--compiler=cpu"]
         _ensure_fake_devices(topology.chips)
         result = plan(f.config, f.topology or None, devices=f.devices, hbm_gib=f.hbm_gib,
-                      lower=f.lower, compiler="cpu")
+                      lower=f.lower, compiler="cpu", progress=_stderr)
     print(format_report(result))
     if result.lowering_failed:
         sys.exit(1)

@@ -4,6 +4,7 @@ the CLI sets up its own fake devices."""
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -358,3 +359,7 @@ def test_cli_falls_back_to_xla_cpu_for_the_breakdown_when_xla_tpu_refuses(tmp_pa
                                  "(16.0 GiB): RESOURCE_EXHAUSTED"), out.stdout[:500]
     assert "(lower + compile on XLA:CPU)" in out.stdout and "-> DOES NOT FIT" in out.stdout
     assert "suggestions (estimated per-device saving" in out.stdout
+    # Progress on stderr: each compile as it starts and ends (a 32B step takes minutes).
+    assert "plan: compiling the train gradient step with XLA:TPU for 8 devices..." in out.stderr
+    assert "plan: compiling the decode step with XLA:CPU for 8 devices..." in out.stderr
+    assert re.search(r"plan: compiled the decode step in \d+\.\d s", out.stderr)

@@ -115,6 +115,10 @@ def compiling_for(mesh: AbstractMesh) -> Iterator[None]:
     for devices this process does not have cannot be read back (jax warns on every such entry)."""
     from jax.experimental.compilation_cache import compilation_cache
 
+    if not jax.config.jax_compilation_cache_dir:  # no persistent cache: nothing to keep out
+        with tracing_for(mesh):
+            yield
+        return
     saved = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     compilation_cache.reset_cache()  # jax decides once per process whether to use the cache
